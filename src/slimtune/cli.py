@@ -1,0 +1,236 @@
+"""The `slimtune` command: argument parsing only; every command calls a plain library function.
+
+A mistake a user can make ends in one line saying what to change (exit status 2), never a
+traceback; `SLIMTUNE_DEBUG=1` shows the traceback anyway.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Callable, Optional, Sequence
+
+from .config import EvalConfig, TrainConfig, add_dataclass_arguments, build_config
+from .errors import SlimtuneError
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .train.loop import train
+
+    config = build_config(TrainConfig, _given(args))
+    result = train(config)
+    if not config.dry_run:
+        print(json.dumps({"train_dir": str(result.train_dir), "step": result.step,
+                          "checkpoint": str(result.checkpoint), "loss": result.last_loss,
+                          "skipped_images": result.skipped_images}))
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluate.run import evaluate_checkpoint, headline, watch
+
+    config = build_config(EvalConfig, _given(args))
+    if config.watch:
+        watch(config)
+        return 0
+    results = evaluate_checkpoint(config)
+    print(headline(results), file=sys.stderr)
+    print(f"results: {results['results_file']}" + (f"\nreport: {results['report_file']}"
+                                                   if results.get("report_file") else ""), file=sys.stderr)
+    summary = {k: results[k] for k in ("Accuracy", "Recall_5", "mAP", "mAP_voc07", "num_samples", "num_skipped",
+                                       "results_file") if k in results}
+    print(json.dumps(summary))
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from .predict import format_table, predict
+
+    predictions = predict(args.checkpoint_path, args.images, model_name=args.model_name, top_k=args.top_k,
+                          batch_size=args.batch_size, image_size=args.image_size,
+                          preprocessing_name=args.preprocessing_name, threshold=args.threshold,
+                          device=args.device, on_bad_image=args.on_bad_image)
+    if args.format == "json":
+        print("\n".join(p.to_json() for p in predictions))
+    else:
+        print(format_table(predictions))
+    return 0
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from .nets.summary import format_model_table
+
+    print(format_model_table(args.pattern))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(args.output_dir, max_steps=args.max_number_of_steps)
+    return 0
+
+
+def _cmd_ckpt_inspect(args: argparse.Namespace) -> int:
+    from .checkpoint.inspect import inspect_checkpoint
+
+    print(inspect_checkpoint(args.path, tensor=args.tensor))
+    return 0
+
+
+def _cmd_ckpt_convert(args: argparse.Namespace) -> int:
+    from .checkpoint.inspect import convert_checkpoint
+    from .checkpoint.mapping import NameMap
+    from .errors import ConfigError
+
+    name_map = NameMap.parse(args.name_map)
+    if name_map.auto:
+        raise ConfigError("--name_map auto needs a network to align with: use `train --checkpoint_name_map auto` "
+                          "or slimtune.restore(model, path, name_map='auto')")
+    out = convert_checkpoint(args.path, args.output, rename=name_map.apply if name_map else None)
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+def _cmd_ckpt_to_npy(args: argparse.Namespace) -> int:
+    from .checkpoint.inspect import checkpoint_to_npy
+
+    out = checkpoint_to_npy(args.path, args.output)
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+def _cmd_features(args: argparse.Namespace) -> int:
+    from .features import features_command
+
+    out = features_command(model_name=args.model_name, checkpoint_path=args.checkpoint_path,
+                           endpoint=args.endpoint, images=args.images, output=args.output,
+                           num_classes=args.num_classes, image_size=args.image_size,
+                           preprocessing_name=args.preprocessing_name, batch_size=args.batch_size,
+                           device=args.device, name_map=args.checkpoint_name_map)
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+def _cmd_data_convert(args: argparse.Namespace) -> int:
+    from .data.convert import convert_command
+
+    out = convert_command(args.source, args.output, name=args.name, num_shards=args.num_shards,
+                          splits=args.splits, validation_fraction=args.validation_fraction, seed=args.seed)
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+def _given(args: argparse.Namespace) -> dict:
+    """Settings explicitly given on the command line (defaults come from the config class)."""
+    return {k: v for k, v in vars(args).items() if k not in ("func", "command", "subcommand")}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser (sub-commands and their flags)."""
+    parser = argparse.ArgumentParser(prog="slimtune", description="Fine-tune TF-Slim image classifiers on PyTorch.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def command(name: str, func: Callable[[argparse.Namespace], int], help_text: str,
+                parent: argparse._SubParsersAction = commands) -> argparse.ArgumentParser:
+        sub = parent.add_parser(name, help=help_text, description=help_text)
+        sub.set_defaults(func=func)
+        return sub
+
+    add_dataclass_arguments(command("train", _cmd_train, "train or fine-tune a network"), TrainConfig)
+    add_dataclass_arguments(command("eval", _cmd_eval, "evaluate a checkpoint (or each new one with --watch)"),
+                            EvalConfig)
+
+    predict = command("predict", _cmd_predict, "top-k labels for images, folders or globs")
+    predict.add_argument("images", nargs="+", help="image files, folders or glob patterns")
+    predict.add_argument("--checkpoint_path", "--checkpoint-path", required=True,
+                         help="checkpoint file or train_dir")
+    predict.add_argument("--model_name", "--model-name", help="network (default: recorded in the checkpoint)")
+    predict.add_argument("--top_k", "--top-k", type=int, default=5, help="labels per image (single-label)")
+    predict.add_argument("--threshold", type=float, help="multi-label probability threshold (default: tuned or 0.5)")
+    predict.add_argument("--batch_size", "--batch-size", type=int, default=32)
+    predict.add_argument("--image_size", "--image-size", type=int, help="input size (default: as trained)")
+    predict.add_argument("--preprocessing_name", "--preprocessing-name")
+    predict.add_argument("--format", choices=("table", "json"), default="table", help="table or JSON lines")
+    predict.add_argument("--device", default="auto")
+    predict.add_argument("--on_bad_image", "--on-bad-image", choices=("skip", "fail"), default="skip")
+
+    models = command("models", _cmd_models, "list the registered networks")
+    models.add_argument("pattern", nargs="?", help="glob filter, e.g. 'resnet*'")
+
+    demo = command("demo", _cmd_demo, "train lenet on the bundled digits, evaluate, predict (about a minute)")
+    demo.add_argument("--output_dir", "--output-dir", default="slimtune_demo")
+    demo.add_argument("--max_number_of_steps", "--max-number-of-steps", type=int, default=None)
+
+    ckpt = command("ckpt", lambda a: _missing_subcommand(ckpt), "inspect and convert checkpoints")
+    ckpt_commands = ckpt.add_subparsers(dest="subcommand", metavar="SUBCOMMAND")
+    inspect_cmd = command("inspect", _cmd_ckpt_inspect, "list tensors (or show one)", ckpt_commands)
+    inspect_cmd.add_argument("path")
+    inspect_cmd.add_argument("--tensor", help="show this tensor's values")
+    convert = command("convert", _cmd_ckpt_convert, "convert a checkpoint to .safetensors", ckpt_commands)
+    convert.add_argument("path")
+    convert.add_argument("output")
+    convert.add_argument("--name_map", "--name-map", action="append", default=[],
+                         help="rename rule OLD_PREFIX=NEW_PREFIX or 're:REGEX=REPLACEMENT' (repeatable; "
+                              "the first matching rule applies)")
+    to_npy = command("to-npy", _cmd_ckpt_to_npy, "export weights as a name -> array .npy (or .npz)", ckpt_commands)
+    to_npy.add_argument("path")
+    to_npy.add_argument("output")
+
+    features = command("features", _cmd_features, "write an end point's activations for each image")
+    features.add_argument("images", nargs="+", help="image files, folders or glob patterns")
+    features.add_argument("--model_name", "--model-name", required=True)
+    features.add_argument("--checkpoint_path", "--checkpoint-path")
+    features.add_argument("--checkpoint_name_map", "--checkpoint-name-map", action="append", default=[])
+    features.add_argument("--endpoint", required=True, help="end point name, e.g. resnet_v1_50/block4")
+    features.add_argument("--output", required=True, help=".npy or .safetensors")
+    features.add_argument("--num_classes", "--num-classes", type=int)
+    features.add_argument("--image_size", "--image-size", type=int)
+    features.add_argument("--preprocessing_name", "--preprocessing-name")
+    features.add_argument("--batch_size", "--batch-size", type=int, default=32)
+    features.add_argument("--device", default="auto")
+
+    data = command("data", lambda a: _missing_subcommand(data), "dataset tools")
+    data_commands = data.add_subparsers(dest="subcommand", metavar="SUBCOMMAND")
+    convert_data = command("convert", _cmd_data_convert,
+                           "image folder / VOC / manifest -> slim TFRecord shards + labels.txt", data_commands)
+    convert_data.add_argument("source")
+    convert_data.add_argument("output")
+    convert_data.add_argument("--name", default=None, help="dataset name used in shard file names")
+    convert_data.add_argument("--num_shards", "--num-shards", type=int, default=5)
+    convert_data.add_argument("--splits", default=None,
+                              help="comma list of splits to convert (default: those the source has)")
+    convert_data.add_argument("--validation_fraction", "--validation-fraction", type=float, default=0.0,
+                              help="image folders without split folders: hold out this fraction as validation")
+    convert_data.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def _missing_subcommand(parser: argparse.ArgumentParser) -> int:
+    parser.print_help(sys.stderr)
+    return 2
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except SlimtuneError as error:
+        if os.environ.get("SLIMTUNE_DEBUG"):
+            raise
+        print(f"slimtune: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("slimtune: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,255 @@
+"""Settings of each command as dataclasses; flags, YAML recipes and defaults all come from here.
+
+Flags keep slim's names (underscores); dashed spellings are accepted too. `--config recipe.yaml`
+supplies any of them and explicit flags override the file. The resolved settings, defaults
+included, are written next to the checkpoints so a run can always be repeated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from .errors import ConfigError
+
+
+def _flag(default: Any, help: str, *, choices: Optional[tuple] = None, aliases: tuple[str, ...] = (),
+          repeatable: bool = False) -> Any:
+    meta = {"help": help, "choices": choices, "aliases": aliases, "repeatable": repeatable}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class DataSettings:
+    """Where the images come from and how they are prepared (shared by train, eval, predict)."""
+
+    dataset_name: Optional[str] = _flag(None, "named dataset: digits (bundled), flowers, cifar10, mnist, imagenet, "
+                                               "visualwakewords, voc; omit when --dataset_dir is an image folder, "
+                                               "a VOC devkit, a manifest or converted TFRecords")
+    dataset_dir: Optional[str] = _flag(None, "dataset directory (or manifest file)")
+    dataset_split_name: str = _flag("train", "split to read")
+    labels_offset: int = _flag(0, "subtracted from every label (slim: 1 to train 1000-class nets on 1001-class data)")
+    preprocessing_name: Optional[str] = _flag(None, "vgg, inception, cifarnet or lenet (default: the model's)")
+    use_grayscale: bool = _flag(False, "convert images to grayscale")
+    num_workers: Optional[int] = _flag(None, "DataLoader worker processes (default: min(4, CPU cores))",
+                                       aliases=("num_preprocessing_threads", "num_readers"))
+    on_bad_image: str = _flag("skip", "unreadable images: skip and count, or fail", choices=("skip", "fail"))
+    multi_label: Optional[bool] = _flag(None, "multi-label task: sigmoid cross-entropy on multi-hot targets "
+                                              "(implied by VOC and multi-label manifests)")
+
+
+@dataclass
+class TrainConfig(DataSettings):
+    """Every setting of `slimtune train`, with slim's names and defaults unless noted."""
+
+    model_name: Optional[str] = _flag(None, "network: a registered name, path/to/file.py:fn or module:fn")
+    train_dir: str = _flag("runs/train", "where checkpoints, TensorBoard events and the resolved config go")
+    num_classes: Optional[int] = _flag(None, "override the class count (default: from the dataset)")
+    train_image_size: Optional[int] = _flag(None, "training input size (default: the model's)")
+    batch_size: int = _flag(32, "images per step per process")
+    max_number_of_steps: Optional[int] = _flag(None, "stop after this many global steps")
+    num_epochs: Optional[float] = _flag(None, "stop after this many epochs (when max_number_of_steps is not set)")
+    optimizer: str = _flag("rmsprop", "optimizer",
+                           choices=("adadelta", "adagrad", "adam", "adamw", "ftrl", "momentum", "rmsprop", "sgd"))
+    learning_rate: float = _flag(0.01, "initial learning rate")
+    learning_rate_decay_type: str = _flag("exponential", "learning-rate schedule",
+                                          choices=("fixed", "exponential", "polynomial", "cosine"))
+    learning_rate_decay_factor: float = _flag(0.94, "exponential decay factor")
+    num_epochs_per_decay: float = _flag(2.0, "epochs between exponential decays / length of polynomial decay")
+    end_learning_rate: float = _flag(1e-4, "final rate of polynomial and cosine decay")
+    warmup_epochs: float = _flag(0.0, "linear warmup length in epochs")
+    weight_decay: float = _flag(4e-5, "L2 on conv/fc weights (slim's regularizer: not on biases or BatchNorm; "
+                                      "decoupled for adamw); frozen weights get none")
+    label_smoothing: float = _flag(0.0, "label smoothing of the softmax cross-entropy")
+    opt_epsilon: Optional[float] = _flag(None, "optimizer epsilon (default per optimizer: adam 1e-8, "
+                                               "rmsprop 1.0 as TF, adadelta 1e-6; slim used 1.0 for all)")
+    adadelta_rho: float = _flag(0.95, "Adadelta decay")
+    adagrad_initial_accumulator_value: float = _flag(0.1, "Adagrad starting accumulator")
+    adam_beta1: float = _flag(0.9, "Adam beta1")
+    adam_beta2: float = _flag(0.999, "Adam beta2")
+    ftrl_learning_rate_power: float = _flag(-0.5, "FTRL learning-rate power")
+    ftrl_initial_accumulator_value: float = _flag(0.1, "FTRL starting accumulator")
+    ftrl_l1: float = _flag(0.0, "FTRL l1")
+    ftrl_l2: float = _flag(0.0, "FTRL l2")
+    momentum: float = _flag(0.9, "momentum of the momentum optimizer")
+    rmsprop_momentum: float = _flag(0.9, "RMSProp momentum")
+    rmsprop_decay: float = _flag(0.9, "RMSProp decay")
+    pos_weight: Optional[str] = _flag(None, "multi-label: positive-class weight, one number or a comma list per class, "
+                                            "or 'auto' (negatives/positives of the training set)")
+    checkpoint_path: Optional[str] = _flag(None, "warm-start checkpoint (file, V2 prefix or directory); "
+                                                 "ignored when train_dir already holds a checkpoint")
+    checkpoint_exclude_scopes: Optional[str] = _flag(None, "comma list of scopes not restored (scope boundaries)")
+    trainable_scopes: Optional[str] = _flag(None, "comma list of scopes to train; the rest is frozen, "
+                                                  "BatchNorm statistics included")
+    ignore_missing_vars: bool = _flag(False, "skip model tensors the checkpoint lacks")
+    checkpoint_name_map: list = _flag([], "rename rule MODEL_PREFIX=CHECKPOINT_PREFIX, 're:REGEX=REPLACEMENT', "
+                                          "or 'auto' (repeatable)", repeatable=True)
+    freeze_batch_norm: bool = _flag(False, "keep every BatchNorm on its moving statistics")
+    dry_run: bool = _flag(False, "print the restore plan and the run's settings, then stop")
+    log_every_n_steps: int = _flag(10, "log and refresh the progress line every N steps")
+    save_interval_secs: float = _flag(600.0, "save a checkpoint every N seconds")
+    save_every_n_steps: Optional[int] = _flag(None, "also save a checkpoint every N steps")
+    save_summaries_secs: float = _flag(60.0, "write histograms and image summaries every N seconds")
+    keep_checkpoint_max: int = _flag(5, "checkpoints kept in train_dir")
+    eval_every_n_steps: Optional[int] = _flag(None, "evaluate on --eval_split_name every N steps while training")
+    eval_split_name: Optional[str] = _flag(None, "split evaluated during training (default: test, else validation)")
+    seed: int = _flag(0, "random seed (weights, data order, augmentation)")
+    deterministic: bool = _flag(False, "deterministic algorithms: a CPU run repeats bit for bit")
+    device: str = _flag("auto", "cpu, cuda, cuda:N or auto")
+    channels_last: Optional[bool] = _flag(None, "channels-last memory format (default: on for 4-D convnets)")
+    amp: bool = _flag(False, "mixed precision (bfloat16 on CPU, float16 on CUDA)")
+    config: Optional[str] = _flag(None, "YAML file with any of these settings (flags override it)")
+
+
+@dataclass
+class EvalConfig(DataSettings):
+    """Settings of `slimtune eval`."""
+
+    checkpoint_path: str = _flag("runs/train", "checkpoint file, or a train_dir (its latest checkpoint)")
+    model_name: Optional[str] = _flag(None, "network (default: recorded in the checkpoint)")
+    eval_dir: Optional[str] = _flag(None, "where results and TensorBoard events go (default: beside the checkpoint)")
+    eval_image_size: Optional[int] = _flag(None, "evaluation input size (default: the model's)")
+    batch_size: int = _flag(100, "images per batch")
+    max_num_batches: Optional[int] = _flag(None, "evaluate only this many batches")
+    watch: bool = _flag(False, "evaluate each new checkpoint of the train_dir while training runs")
+    eval_interval_secs: float = _flag(30.0, "with --watch: seconds between looks for a new checkpoint")
+    timeout_secs: Optional[float] = _flag(None, "with --watch: stop after this long without a new checkpoint")
+    thresholds: Optional[str] = _flag(None, "multi-label: threshold, comma list, or 'tune' to tune per class on "
+                                            "this split and save them with the model")
+    report: bool = _flag(True, "write an HTML report with plots beside the results")
+    device: str = _flag("auto", "cpu, cuda, cuda:N or auto")
+    config: Optional[str] = _flag(None, "YAML file with any of these settings")
+    # slim evaluated 'test' by default, which flowers and imagenet lack: 'auto' picks test, else
+    # validation, else the only split there is.
+    dataset_split_name: str = _flag("auto", "split to evaluate (auto: test, else validation, else val)")
+
+
+def _scalar_type(annotation: Any) -> Any:
+    """The concrete type inside Optional[...]."""
+    if get_origin(annotation) is Union:
+        inner = [a for a in get_args(annotation) if a is not type(None)]
+        return inner[0] if inner else str
+    return annotation
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = str(text).strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, config_class: type) -> None:
+    """Add one flag per field of `config_class` (underscore and dash spellings, slim aliases)."""
+    hints = get_type_hints(config_class)
+    for item in fields(config_class):
+        kind = _scalar_type(hints[item.name])
+        names = [item.name] + list(item.metadata.get("aliases", ()))
+        spellings = []
+        for name in names:
+            spellings.append(f"--{name}")
+            if "_" in name:
+                spellings.append(f"--{name.replace('_', '-')}")
+        help_text = item.metadata.get("help", "")
+        default = item.default if item.default is not dataclasses.MISSING else item.default_factory()
+        if default not in (None, [], ""):
+            help_text += f" (default: {default})"
+        options: dict[str, Any] = dict(dest=item.name, default=argparse.SUPPRESS, help=help_text)
+        if item.metadata.get("repeatable"):
+            options["action"] = "append"
+        elif kind is bool:
+            options.update(nargs="?", const=True, type=_parse_bool, metavar="BOOL")
+            spellings += [f"--no{name}" for name in names[:1]]
+        else:
+            options["type"] = kind if kind in (int, float) else str
+            if item.metadata.get("choices"):
+                options["choices"] = item.metadata["choices"]
+        if kind is bool and not item.metadata.get("repeatable"):
+            parser.add_argument(*spellings[:-1], **options)
+            parser.add_argument(spellings[-1], dest=item.name, action="store_const", const=False,
+                                default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        else:
+            parser.add_argument(*spellings, **options)
+
+
+def load_yaml(path: Union[str, Path]) -> dict[str, Any]:
+    """Read a YAML recipe into a flat dict of settings (dashes in keys become underscores)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--config {path}: no such file")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"--config {path}: not valid YAML ({error})") from error
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of setting: value")
+    return {str(key).replace("-", "_"): value for key, value in data.items()}
+
+
+def build_config(config_class: type, given: dict[str, Any]):
+    """Merge defaults < YAML file < explicit values into a config instance; unknown keys are errors."""
+    known = {item.name: item for item in fields(config_class)}
+    aliases = {alias: item.name for item in fields(config_class) for alias in item.metadata.get("aliases", ())}
+    merged: dict[str, Any] = {}
+    if given.get("config"):
+        merged.update(load_yaml(given["config"]))
+    merged.update({k: v for k, v in given.items()})
+    values: dict[str, Any] = {}
+    hints = get_type_hints(config_class)
+    for key, value in merged.items():
+        name = aliases.get(key, key)
+        if name not in known:
+            close = [n for n in known if n.startswith(name[:4])][:3]
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise ConfigError(f"unknown setting {key!r}{hint}")
+        values[name] = _coerce(name, value, hints[name], known[name])
+    return config_class(**values)
+
+
+def _coerce(name: str, value: Any, annotation: Any, item: dataclasses.Field) -> Any:
+    """Check and convert a value from YAML or code to the field's type."""
+    kind = _scalar_type(annotation)
+    if value is None:
+        return None
+    if item.metadata.get("repeatable"):
+        return list(value) if isinstance(value, (list, tuple)) else [value]
+    try:
+        if kind is bool:
+            return value if isinstance(value, bool) else _parse_bool(value)
+        if kind in (int, float):
+            return kind(value)
+        if kind is str and isinstance(value, (list, tuple)):
+            return ",".join(str(v) for v in value)
+        if kind is str:
+            return str(value)
+    except (TypeError, ValueError, argparse.ArgumentTypeError) as error:
+        raise ConfigError(f"setting {name}: {value!r} is not a valid {kind.__name__}") from error
+    choices = item.metadata.get("choices")
+    if choices and value not in choices:
+        raise ConfigError(f"setting {name}: {value!r} is not one of {', '.join(choices)}")
+    return value
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """All settings as a plain dict (for saving and printing)."""
+    return dataclasses.asdict(config)
+
+
+def dump_config(config: Any, path: Union[str, Path], extra: Optional[dict[str, Any]] = None) -> Path:
+    """Write the resolved settings (and extra facts such as package versions) as YAML."""
+    data = {"settings": config_to_dict(config)}
+    if extra:
+        data.update(extra)
+    path = Path(path)
+    path.write_text(yaml.safe_dump(json.loads(json.dumps(data, default=str)), sort_keys=False), encoding="utf-8")
+    return path

@@ -1,0 +1,268 @@
+"""Turn a data source into batches: decode + preprocess in DataLoader workers.
+
+Augmentation randomness is seeded per sample from (seed, epoch, index), so a run gives the same
+batches whatever the number of workers, and a resumed run continues the exact sequence of the
+uninterrupted one. Unreadable images are skipped and counted (or fatal with on_bad_image='fail').
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import random
+import zlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
+
+from ..errors import ConfigError
+from .base import ImageSource, StreamSource
+from .decode import BadImageError, decode_image
+
+Transform = Callable[..., torch.Tensor]
+BAD_IMAGE_POLICIES = ("skip", "fail")
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A 63-bit seed that depends only on (seed, epoch, sample index)."""
+    return zlib.crc32(f"{seed}:{epoch}:{index}".encode()) * 1_000_003 + index
+
+
+def _accepts_generator(transform: Transform) -> bool:
+    try:
+        return "generator" in inspect.signature(transform).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def target_tensor(target: Any, multi_label: bool) -> torch.Tensor:
+    """A class id as int64 scalar, or a multi-hot (1/0/-1) row as float32."""
+    if multi_label:
+        return torch.as_tensor(np.asarray(target, dtype=np.float32))
+    return torch.tensor(int(target), dtype=torch.int64)
+
+
+class _SampleMaker:
+    """Decode, preprocess and label one payload (shared by map-style and streamed datasets)."""
+
+    def __init__(self, transform: Transform, image_size: tuple[int, int], channels: int, multi_label: bool,
+                 on_bad_image: str, draft: bool, seed: int, labels_offset: int = 0) -> None:
+        if on_bad_image not in BAD_IMAGE_POLICIES:
+            raise ConfigError(f"--on_bad_image must be one of {', '.join(BAD_IMAGE_POLICIES)}, got {on_bad_image!r}")
+        self.transform = transform
+        self.height, self.width = image_size
+        self.channels = channels
+        self.multi_label = multi_label
+        self.on_bad_image = on_bad_image
+        # JPEG DCT scaling keeps both sides >= this: enough for any crop/resize we then apply.
+        self.draft_size = (self.width, self.height) if draft else None
+        self.seed = seed
+        self.epoch = 0
+        self.labels_offset = labels_offset
+        self.takes_generator = _accepts_generator(transform)
+
+    def make(self, payload: Any, target: Any, index: int, description: str, epoch: Optional[int] = None):
+        try:
+            array = decode_image(payload, self.channels, self.draft_size, description)
+        except BadImageError:
+            if self.on_bad_image == "fail":
+                raise
+            return {"bad": description}
+        image = torch.from_numpy(array).permute(2, 0, 1)
+        epoch = self.epoch if epoch is None else epoch
+        generator = torch.Generator().manual_seed(sample_seed(self.seed, epoch, index))
+        if self.takes_generator:
+            pixels = self.transform(image, self.height, self.width, generator=generator)
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(generator.initial_seed())
+                pixels = self.transform(image, self.height, self.width)
+        if not self.multi_label and self.labels_offset:
+            target = int(target) - self.labels_offset
+        return {"image": pixels, "target": target_tensor(target, self.multi_label), "index": index}
+
+
+class ImageDataset(Dataset):
+    """Map-style dataset over an ImageSource; items are dicts (or {'bad': description})."""
+
+    def __init__(self, source: ImageSource, maker: _SampleMaker) -> None:
+        self.source = source
+        self.maker = maker
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the augmentation seeds of an epoch."""
+        self.maker.epoch = epoch
+
+    def __getitem__(self, key: int | tuple[int, int]):
+        # EpochSampler yields (epoch, index): persistent workers never see set_epoch on their copy.
+        epoch, index = key if isinstance(key, tuple) else (None, key)
+        payload, target = self.source.read(index)
+        return self.maker.make(payload, target, index, self.source.describe(index), epoch)
+
+
+class StreamDataset(IterableDataset):
+    """Iterable dataset over TFRecord-like shards, split across DDP ranks and loader workers.
+
+    Shards are shuffled per epoch and records go through a shuffle buffer (slim's
+    RandomShuffleQueue, min 10 x batch). With fewer shards than readers, every reader scans all
+    shards and keeps every n-th record, so each record is still read by exactly one reader.
+    """
+
+    def __init__(self, source: StreamSource, maker: _SampleMaker, shuffle: bool, buffer_size: int = 1024,
+                 rank: int = 0, world_size: int = 1) -> None:
+        self.source = source
+        self.maker = maker
+        self.shuffle = shuffle
+        self.buffer_size = buffer_size
+        self.rank, self.world_size = rank, world_size
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.source) / self.world_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the shard order and augmentation seeds of an epoch."""
+        self.maker.epoch = epoch
+
+    def _records(self) -> Iterator[tuple[Any, Any, int, str]]:
+        info = get_worker_info()
+        workers = info.num_workers if info else 1
+        worker = info.id if info else 0
+        readers, reader = self.world_size * workers, self.rank * workers + worker
+        shards = list(self.source.shards)
+        if self.shuffle:
+            random.Random(self.maker.seed + self.maker.epoch).shuffle(shards)
+        if len(shards) >= readers:
+            records = (item for shard in shards[reader::readers] for item in self.source.iter_shard(shard))
+        else:
+            # Fewer shards than readers: each reader takes every n-th record of every shard.
+            records = (item for shard in shards for item in self.source.iter_shard(shard, start=reader, step=readers))
+        for payload, target, description in records:
+            yield payload, target, zlib.crc32(description.encode()), description
+
+    def __iter__(self):
+        records = self._records()
+        if not self.shuffle:
+            for payload, target, key, description in records:
+                yield self.maker.make(payload, target, key, description)
+            return
+        rng = random.Random(self.maker.seed * 7919 + self.maker.epoch)
+        buffer: list = []
+        for record in records:
+            buffer.append(record)
+            if len(buffer) >= self.buffer_size:
+                chosen = buffer.pop(rng.randrange(len(buffer)))
+                yield self.maker.make(*chosen[:2], chosen[2], chosen[3])
+        rng.shuffle(buffer)
+        for payload, target, key, description in buffer:
+            yield self.maker.make(payload, target, key, description)
+
+
+class EpochSampler(Sampler[tuple[int, int]]):
+    """Per-epoch permutation (or order), sharded over DDP ranks, resumable at a batch offset.
+
+    Yields (epoch, index) so that the dataset copies inside persistent workers know the epoch.
+    """
+
+    def __init__(self, num_samples: int, shuffle: bool, seed: int, rank: int = 0, world_size: int = 1,
+                 drop_last: bool = False) -> None:
+        self.num_samples = num_samples
+        self.shuffle, self.seed = shuffle, seed
+        self.rank, self.world_size = rank, world_size
+        self.drop_last = drop_last
+        self.epoch = 0
+        self.start = 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Select the epoch and skip its first `start` indices of this rank (resume mid-epoch)."""
+        self.epoch, self.start = epoch, start
+
+    def _rank_indices(self) -> list[int]:
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_samples).tolist()
+        else:
+            order = list(range(self.num_samples))
+        if self.world_size == 1:
+            return order
+        if self.drop_last:
+            usable = (len(order) // self.world_size) * self.world_size
+            order = order[:usable]
+        # Without drop_last the last ranks simply get one sample fewer: nothing is counted twice.
+        return order[self.rank::self.world_size]
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return ((self.epoch, index) for index in self._rank_indices()[self.start:])
+
+    def __len__(self) -> int:
+        return max(len(self._rank_indices()) - self.start, 0)
+
+
+@dataclass
+class Batch:
+    """A collated batch; `bad` lists the images that were skipped."""
+
+    images: torch.Tensor
+    targets: torch.Tensor
+    indices: torch.Tensor
+    bad: list[str] = field(default_factory=list)
+
+    def pin_memory(self) -> "Batch":
+        """Pinned copies for asynchronous host-to-GPU transfer."""
+        return Batch(self.images.pin_memory(), self.targets.pin_memory(), self.indices, self.bad)
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+
+def collate(items: Sequence[dict]) -> Optional[Batch]:
+    """Stack good samples; keep the descriptions of bad ones. None when every sample was bad."""
+    bad = [item["bad"] for item in items if "bad" in item]
+    good = [item for item in items if "bad" not in item]
+    if not good:
+        return Batch(torch.empty(0), torch.empty(0), torch.empty(0, dtype=torch.int64), bad)
+    return Batch(torch.stack([item["image"] for item in good]),
+                 torch.stack([item["target"] for item in good]),
+                 torch.tensor([item["index"] for item in good], dtype=torch.int64), bad)
+
+
+def _seed_worker(worker_id: int) -> None:
+    # numpy and `random` in workers are not seeded by torch; derive them from torch's worker seed.
+    base = torch.initial_seed() % (2**32)
+    np.random.seed(base)
+    random.seed(base)
+
+
+def build_loader(source: ImageSource | StreamSource, transform: Transform, image_size: tuple[int, int], *,
+                 batch_size: int, training: bool, channels: int = 3, num_workers: int = 0, seed: int = 0,
+                 on_bad_image: str = "skip", rank: int = 0, world_size: int = 1, drop_last: Optional[bool] = None,
+                 labels_offset: int = 0, pin_memory: bool = False, draft: Optional[bool] = None) -> DataLoader:
+    """A DataLoader of `Batch`es over any source; training shuffles, evaluation keeps order."""
+    draft = training if draft is None else draft
+    maker = _SampleMaker(transform, image_size, channels, source.multi_label, on_bad_image, draft, seed,
+                         labels_offset)
+    drop_last = training if drop_last is None else drop_last
+    common = dict(batch_size=batch_size, num_workers=num_workers, collate_fn=collate, pin_memory=pin_memory,
+                  worker_init_fn=_seed_worker if num_workers else None)
+    if num_workers:
+        common["prefetch_factor"] = 4
+    if isinstance(source, StreamSource):
+        dataset = StreamDataset(source, maker, shuffle=training, buffer_size=max(10 * batch_size, 256),
+                                rank=rank, world_size=world_size)
+        # Workers are re-created each epoch so that their dataset copy sees the new epoch.
+        return DataLoader(dataset, drop_last=drop_last, persistent_workers=False, **common)
+    dataset = ImageDataset(source, maker)
+    sampler = EpochSampler(len(dataset), shuffle=training, seed=seed, rank=rank, world_size=world_size,
+                           drop_last=drop_last and world_size > 1)
+    return DataLoader(dataset, sampler=sampler, drop_last=drop_last, persistent_workers=num_workers > 0, **common)
+
+
+def set_loader_epoch(loader: DataLoader, epoch: int, start_batch: int = 0) -> None:
+    """Point a loader at an epoch (and a batch offset in it, for resuming)."""
+    loader.dataset.set_epoch(epoch)
+    if isinstance(loader.sampler, EpochSampler):
+        loader.sampler.set_epoch(epoch, start_batch * loader.batch_size)

@@ -1,0 +1,286 @@
+"""TensorFlow-compatible building blocks shared by every slim network.
+
+Each module owns its parameters under slim's leaf names (``weight``/``bias`` for ``weights``/
+``biases``, a ``BatchNorm`` child for slim's batch norm), so a module tree that mirrors slim's
+variable scopes has state_dict keys equal to slim's variable names with '/' -> '.'.
+
+TF's 'SAME' padding puts the extra pixel *after* when the total is odd (bottom/right), unlike a
+symmetric torch padding; that asymmetry is computed per input size here.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+IntPair = Union[int, Sequence[int]]
+Activation = Optional[Callable[[Tensor], Tensor]]
+
+
+def _pair(value: IntPair) -> tuple[int, int]:
+    if isinstance(value, int):
+        return value, value
+    first, second = value
+    return int(first), int(second)
+
+
+def same_padding(size: int, kernel: int, stride: int, rate: int = 1) -> tuple[int, int]:
+    """Padding (before, after) that TF's 'SAME' applies along one axis."""
+    effective = (kernel - 1) * rate + 1
+    out = -(-size // stride)
+    total = max((out - 1) * stride + effective - size, 0)
+    return total // 2, total - total // 2
+
+
+def explicit_padding(kernel: int, rate: int = 1) -> tuple[int, int]:
+    """Input-size independent padding of slim's `conv2d_same` / mobilenet's `use_explicit_padding`."""
+    effective = (kernel - 1) * rate + 1
+    total = effective - 1
+    return total // 2, total - total // 2
+
+
+def _same_pads(x: Tensor, kernel: tuple[int, int], stride: tuple[int, int],
+               rate: tuple[int, int]) -> tuple[int, int, int, int]:
+    top, bottom = same_padding(x.shape[-2], kernel[0], stride[0], rate[0])
+    left, right = same_padding(x.shape[-1], kernel[1], stride[1], rate[1])
+    return left, right, top, bottom
+
+
+class BatchNorm(nn.Module):
+    """slim.batch_norm: `scale` adds gamma (slim's default is no gamma), `center` adds beta.
+
+    `decay` is slim's moving-average decay (torch momentum = 1 - decay). Setting `frozen`
+    keeps the module on its moving statistics and stops updating them even in train mode: the
+    structural freeze that `model.train()` cannot undo.
+    """
+
+    def __init__(self, num_features: int, eps: float = 0.001, decay: float = 0.999,
+                 scale: bool = False, center: bool = True) -> None:
+        super().__init__()
+        self.num_features = num_features
+        self.eps = eps
+        self.decay = decay
+        self.frozen = False
+        self.weight = nn.Parameter(torch.ones(num_features)) if scale else None
+        self.bias = nn.Parameter(torch.zeros(num_features)) if center else None
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Normalize with batch statistics in training (unless frozen), moving ones otherwise."""
+        use_batch_stats = self.training and not self.frozen
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                            use_batch_stats, 1.0 - self.decay, self.eps)
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_features}, eps={self.eps}, decay={self.decay}, "
+                f"scale={self.weight is not None}, center={self.bias is not None}, frozen={self.frozen}")
+
+
+NormFactory = Optional[Callable[[int], nn.Module]]
+
+
+def batch_norm_factory(eps: float = 0.001, decay: float = 0.999, scale: bool = False,
+                       center: bool = True) -> Callable[[int], BatchNorm]:
+    """Return a constructor of BatchNorm with a net's arg-scope settings."""
+    def make(num_features: int) -> BatchNorm:
+        return BatchNorm(num_features, eps=eps, decay=decay, scale=scale, center=center)
+    return make
+
+
+class Conv2d(nn.Module):
+    """slim.conv2d: convolution, then optional BatchNorm (replacing the bias), then activation.
+
+    padding: 'SAME' (TF semantics, asymmetric when needed), 'VALID', or 'EXPLICIT' (pad
+    symmetrically by the kernel's effective size, then VALID: slim's conv2d_same for stride > 1).
+    """
+
+    kernel_name = "weight"
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: IntPair, stride: IntPair = 1,
+                 padding: str = "SAME", rate: IntPair = 1, normalizer: NormFactory = None,
+                 activation: Activation = F.relu, bias: Optional[bool] = None, groups: int = 1) -> None:
+        super().__init__()
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size = _pair(kernel_size)
+        self.stride = _pair(stride)
+        self.rate = _pair(rate)
+        self.padding = padding.upper()
+        self.groups = groups
+        self.activation = activation
+        kernel = nn.Parameter(torch.empty(out_channels, in_channels // groups, *self.kernel_size))
+        nn.init.kaiming_normal_(kernel, mode="fan_in", nonlinearity="relu")
+        self.register_parameter(self.kernel_name, kernel)
+        use_bias = normalizer is None if bias is None else bias
+        self.bias = nn.Parameter(torch.zeros(out_channels)) if use_bias else None
+        self.BatchNorm = normalizer(out_channels) if normalizer is not None else None
+        self._static_padding = self._symmetric_static_padding()
+
+    def _symmetric_static_padding(self) -> Optional[tuple[int, int]]:
+        """Torch's own (symmetric) padding when it equals what TF does for every input size."""
+        if self.padding == "VALID":
+            return 0, 0
+        pads = []
+        for kernel, stride, rate in zip(self.kernel_size, self.stride, self.rate):
+            effective = (kernel - 1) * rate + 1
+            if self.padding == "EXPLICIT":
+                before, after = explicit_padding(kernel, rate)
+            elif stride == 1:
+                before, after = (effective - 1) // 2, effective - 1 - (effective - 1) // 2
+            else:
+                return None
+            if before != after:
+                return None
+            pads.append(before)
+        return pads[0], pads[1]
+
+    def _pad(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        if self._static_padding is not None:
+            return x, self._static_padding
+        if self.padding == "EXPLICIT":
+            top, bottom = explicit_padding(self.kernel_size[0], self.rate[0])
+            left, right = explicit_padding(self.kernel_size[1], self.rate[1])
+            pads = (left, right, top, bottom)
+        else:
+            pads = _same_pads(x, self.kernel_size, self.stride, self.rate)
+        if pads[0] == pads[1] and pads[2] == pads[3]:
+            return x, (pads[2], pads[0])
+        return F.pad(x, pads), (0, 0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Convolve (with TF padding), normalize, activate."""
+        x, padding = self._pad(x)
+        x = F.conv2d(x, getattr(self, self.kernel_name), self.bias, self.stride, padding, self.rate, self.groups)
+        if self.BatchNorm is not None:
+            x = self.BatchNorm(x)
+        if self.activation is not None:
+            x = self.activation(x)
+        return x
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, rate={self.rate}, groups={self.groups}")
+
+
+class DepthwiseConv2d(Conv2d):
+    """The depthwise half of slim.separable_conv2d(num_outputs=None): parameter `depthwise_weight`."""
+
+    # slim names this variable `depthwise_weights`.
+    kernel_name = "depthwise_weight"
+
+    def __init__(self, channels: int, kernel_size: IntPair, stride: IntPair = 1, padding: str = "SAME",
+                 rate: IntPair = 1, depth_multiplier: int = 1, normalizer: NormFactory = None,
+                 activation: Activation = F.relu, bias: Optional[bool] = None) -> None:
+        super().__init__(channels, channels * depth_multiplier, kernel_size, stride, padding, rate,
+                         normalizer, activation, bias, groups=channels)
+
+
+class Linear(nn.Module):
+    """slim.fully_connected on a flat input: weight [out, in], bias, optional BN, activation."""
+
+    def __init__(self, in_features: int, out_features: int, normalizer: NormFactory = None,
+                 activation: Activation = F.relu, bias: Optional[bool] = None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.activation = activation
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        use_bias = normalizer is None if bias is None else bias
+        self.bias = nn.Parameter(torch.zeros(out_features)) if use_bias else None
+        self.BatchNorm = normalizer(out_features) if normalizer is not None else None
+        nn.init.kaiming_normal_(self.weight, mode="fan_in", nonlinearity="relu")
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Affine map, normalize, activate."""
+        x = F.linear(x, self.weight, self.bias)
+        if self.BatchNorm is not None:
+            x = self.BatchNorm(x)
+        if self.activation is not None:
+            x = self.activation(x)
+        return x
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}"
+
+
+class MaxPool2d(nn.Module):
+    """slim.max_pool2d with TF padding (padded positions never win)."""
+
+    def __init__(self, kernel_size: IntPair, stride: IntPair = 2, padding: str = "VALID") -> None:
+        super().__init__()
+        self.kernel_size, self.stride, self.padding = _pair(kernel_size), _pair(stride), padding.upper()
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Max-pool."""
+        if self.padding == "SAME":
+            pads = _same_pads(x, self.kernel_size, self.stride, (1, 1))
+            if any(pads):
+                x = F.pad(x, pads, value=float("-inf"))
+        return F.max_pool2d(x, self.kernel_size, self.stride)
+
+
+class AvgPool2d(nn.Module):
+    """slim.avg_pool2d with TF padding: padded positions are left out of each average."""
+
+    def __init__(self, kernel_size: IntPair, stride: IntPair = 2, padding: str = "VALID") -> None:
+        super().__init__()
+        self.kernel_size, self.stride, self.padding = _pair(kernel_size), _pair(stride), padding.upper()
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Average-pool."""
+        if self.padding != "SAME":
+            return F.avg_pool2d(x, self.kernel_size, self.stride)
+        left, right, top, bottom = _same_pads(x, self.kernel_size, self.stride, (1, 1))
+        if left == right and top == bottom and 2 * top <= self.kernel_size[0] and 2 * left <= self.kernel_size[1]:
+            return F.avg_pool2d(x, self.kernel_size, self.stride, (top, left), count_include_pad=False)
+        pads = (left, right, top, bottom)
+        window = self.kernel_size[0] * self.kernel_size[1]
+        sums = F.avg_pool2d(F.pad(x, pads), self.kernel_size, self.stride) * window
+        ones = torch.ones((1, 1) + tuple(x.shape[-2:]), dtype=x.dtype, device=x.device)
+        counts = F.avg_pool2d(F.pad(ones, pads), self.kernel_size, self.stride) * window
+        return sums / counts
+
+
+def reduce_mean_hw(x: Tensor, keepdim: bool = True) -> Tensor:
+    """tf.reduce_mean over height and width (slim's global_pool)."""
+    return x.mean(dim=(2, 3), keepdim=keepdim)
+
+
+def flatten_nhwc(x: Tensor) -> Tensor:
+    """slim.flatten of an NHWC tensor, on an NCHW one: same element order as TF."""
+    return x.permute(0, 2, 3, 1).flatten(1)
+
+
+def local_response_norm(x: Tensor, depth_radius: int = 5, bias: float = 1.0, alpha: float = 1.0,
+                        beta: float = 0.5) -> Tensor:
+    """tf.nn.lrn: x / (bias + alpha * sum of squares over 2r+1 neighbouring channels) ** beta."""
+    squares = (x * x).unsqueeze(1)
+    squares = F.pad(squares, (0, 0, 0, 0, depth_radius, depth_radius))
+    window = 2 * depth_radius + 1
+    sums = F.avg_pool3d(squares, (window, 1, 1), stride=1).squeeze(1) * window
+    return x / (bias + alpha * sums).pow(beta)
+
+
+def dropout_module(keep_prob: float) -> nn.Dropout:
+    """slim.dropout's keep probability as a torch Dropout."""
+    return nn.Dropout(p=1.0 - keep_prob)
+
+
+def truncated_normal_(tensor: Tensor, stddev: float) -> Tensor:
+    """TF's truncated_normal_initializer: normal cut at two standard deviations."""
+    return nn.init.trunc_normal_(tensor, mean=0.0, std=stddev, a=-2 * stddev, b=2 * stddev)
+
+
+def xavier_uniform_(tensor: Tensor) -> Tensor:
+    """slim's default xavier_initializer (Glorot uniform) for HWIO-equivalent fans."""
+    return nn.init.xavier_uniform_(tensor)
+
+
+def variance_scaling_(tensor: Tensor, scale: float = 2.0) -> Tensor:
+    """slim.variance_scaling_initializer(factor=2.0, mode='FAN_IN') (He), truncated like TF."""
+    fan_in = tensor[0].numel()
+    stddev = math.sqrt(scale / fan_in) / 0.87962566103423978
+    return truncated_normal_(tensor, stddev)

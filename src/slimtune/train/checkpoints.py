@@ -1,0 +1,159 @@
+"""Checkpoints in a train_dir: safetensors weights + training state, written so that none is half-written.
+
+Layout (one pair per saved step, plus TF's `checkpoint` state file naming the latest):
+    model.ckpt-<step>.safetensors   weights (torch names) with metadata: model_name, num_classes, step
+    model.ckpt-<step>.state.pt      optimizer, step, epoch position, RNG (loaded with weights_only=True)
+    checkpoint                      model_checkpoint_path: "model.ckpt-<step>.safetensors" (TF's format)
+Each file is written to a temporary name, flushed to disk and renamed; the state file is updated
+last, so a run killed at any moment leaves the previous checkpoint intact and referenced.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ..errors import CheckpointError, ConfigError
+
+STATE_FILENAME = "checkpoint"
+_CKPT_RE = re.compile(r"^model\.ckpt-(\d+)\.safetensors$")
+
+
+@dataclass
+class TrainCheckpoint:
+    """A saved training step: its weight file and its state file."""
+
+    weights: Path
+    state: Path
+    step: int
+
+    def metadata(self) -> dict[str, str]:
+        """The metadata stored inside the weights file."""
+        return read_metadata(self.weights)
+
+
+def _atomic_write(path: Path, write) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    write(temporary)
+    with open(temporary, "rb+") as handle:
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
+def read_metadata(weights: Path) -> dict[str, str]:
+    """Metadata of a safetensors file (empty dict if none)."""
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            return dict(handle.metadata() or {})
+    except Exception as error:  # safetensors raises its own error types
+        raise CheckpointError(f"{weights}: not a readable safetensors file ({error})") from error
+
+
+def save_checkpoint(train_dir: Path, step: int, model: torch.nn.Module, state: dict[str, Any],
+                    metadata: dict[str, str], keep: int = 5) -> TrainCheckpoint:
+    """Write weights and state for `step`, point `checkpoint` at them, prune old ones."""
+    train_dir.mkdir(parents=True, exist_ok=True)
+    weights_path = train_dir / f"model.ckpt-{step}.safetensors"
+    state_path = train_dir / f"model.ckpt-{step}.state.pt"
+    tensors = {name: tensor.detach().contiguous().cpu() for name, tensor in model.state_dict().items()}
+    info = {**{k: str(v) for k, v in metadata.items()}, "step": str(step), "format": "slimtune"}
+    _atomic_write(weights_path, lambda p: save_file(tensors, str(p), metadata=info))
+    _atomic_write(state_path, lambda p: torch.save({**state, "step": step}, p))
+    checkpoints = list_checkpoints(train_dir)
+    kept = [c for c in checkpoints if c.step != step][-(keep - 1):] if keep > 1 else []
+    kept.append(TrainCheckpoint(weights_path, state_path, step))
+    lines = [f'model_checkpoint_path: "{weights_path.name}"']
+    lines += [f'all_model_checkpoint_paths: "{c.weights.name}"' for c in kept]
+    _atomic_write(train_dir / STATE_FILENAME, lambda p: p.write_text("\n".join(lines) + "\n", encoding="utf-8"))
+    kept_steps = {c.step for c in kept}
+    for old in checkpoints:
+        if old.step not in kept_steps:
+            old.weights.unlink(missing_ok=True)
+            old.state.unlink(missing_ok=True)
+    return TrainCheckpoint(weights_path, state_path, step)
+
+
+def list_checkpoints(train_dir: Path) -> list[TrainCheckpoint]:
+    """Complete checkpoints (weights and state present) in a train_dir, oldest first."""
+    found = []
+    if not train_dir.is_dir():
+        return found
+    for path in train_dir.iterdir():
+        match = _CKPT_RE.match(path.name)
+        if match:
+            state = path.with_name(path.name.replace(".safetensors", ".state.pt"))
+            if state.is_file():
+                found.append(TrainCheckpoint(path, state, int(match.group(1))))
+    return sorted(found, key=lambda c: c.step)
+
+
+def latest_checkpoint(train_dir: Path) -> Optional[TrainCheckpoint]:
+    """The checkpoint named by the state file, else the newest complete one, else None."""
+    state_file = train_dir / STATE_FILENAME
+    if state_file.is_file():
+        match = re.search(r'model_checkpoint_path:\s*"([^"]+)"', state_file.read_text(encoding="utf-8"))
+        if match:
+            weights = train_dir / match.group(1)
+            step_match = _CKPT_RE.match(weights.name)
+            state = weights.with_name(weights.name.replace(".safetensors", ".state.pt"))
+            if step_match and weights.is_file() and state.is_file():
+                return TrainCheckpoint(weights, state, int(step_match.group(1)))
+    checkpoints = list_checkpoints(train_dir)
+    return checkpoints[-1] if checkpoints else None
+
+
+def resolve_weights(path: str | Path) -> Path:
+    """A weights file from a checkpoint file or a train_dir (its latest checkpoint)."""
+    path = Path(path)
+    if path.is_dir():
+        latest = latest_checkpoint(path)
+        if latest is None:
+            raise CheckpointError(f"{path} holds no slimtune checkpoint (model.ckpt-<step>.safetensors)")
+        return latest.weights
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    return path
+
+
+def check_same_model(checkpoint: TrainCheckpoint, model_name: str, num_classes: int) -> None:
+    """Refuse to resume a train_dir whose checkpoint belongs to another net or class count."""
+    meta = checkpoint.metadata()
+    stored_model, stored_classes = meta.get("model_name"), meta.get("num_classes")
+    if stored_model and stored_model != model_name:
+        raise ConfigError(f"train_dir {checkpoint.weights.parent} holds a checkpoint of {stored_model}, "
+                          f"not {model_name}: use another --train_dir or --model_name {stored_model}")
+    if stored_classes and int(stored_classes) != num_classes:
+        raise ConfigError(f"train_dir {checkpoint.weights.parent} holds a {stored_classes}-class checkpoint but "
+                          f"this run has {num_classes} classes: use another --train_dir")
+
+
+def load_state(checkpoint: TrainCheckpoint) -> dict[str, Any]:
+    """The training state (optimizer, step, RNG) without unpickling arbitrary objects."""
+    try:
+        return torch.load(checkpoint.state, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise CheckpointError(f"{checkpoint.state}: cannot read training state ({error})") from error
+
+
+def load_weights_into(model: torch.nn.Module, weights: Path) -> None:
+    """Load a slimtune weights file into a model of the same architecture (strict)."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(weights))
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{weights} does not fit this model: missing {missing[:3]}, unexpected "
+                              f"{unexpected[:3]}; was it written for another --model_name?")
+
+
+def metadata_json(value: Any) -> str:
+    """Encode structured metadata (e.g. class names) for a safetensors header."""
+    return json.dumps(value)

@@ -1,0 +1,63 @@
+"""--trainable_scopes and --freeze_batch_norm, done structurally.
+
+slim only narrowed the optimizer's variable list: frozen layers kept updating their BatchNorm
+statistics and still paid weight decay. Here a frozen parameter has requires_grad=False, is
+left out of the optimizer (so no decay), and a BatchNorm whose parameters are all frozen stays
+on its moving statistics even in train mode.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+from torch import nn
+
+from ..nets.layers import BatchNorm
+
+
+def _norm_modules(model: nn.Module) -> Iterable[tuple[str, nn.Module]]:
+    for name, module in model.named_modules():
+        if isinstance(module, (BatchNorm, nn.modules.batchnorm._BatchNorm)):
+            yield name, module
+
+
+def freeze_module_stats(module: nn.Module) -> None:
+    """Keep a BatchNorm on its moving statistics, whatever model.train() says."""
+    if isinstance(module, BatchNorm):
+        module.frozen = True
+    else:
+        # torch's BatchNorm has no such switch: pin it in eval mode by shadowing `train`.
+        module.eval()
+        module.train = lambda mode=True: module  # type: ignore[assignment]
+
+
+def apply_trainable_scopes(model: nn.Module, trainable: Optional[set[str]], freeze_batch_norm: bool = False) -> int:
+    """Freeze every parameter not in `trainable` (None = all train); return the trainable count."""
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(trainable is None or name in trainable)
+    for name, module in _norm_modules(model):
+        own = list(module.parameters(recurse=False))
+        if own:
+            frozen = not any(p.requires_grad for p in own)
+        else:  # a BN without gamma and beta follows the layer that owns it
+            frozen = trainable is not None and f"{name.rsplit('.', 1)[0]}.weight" not in trainable
+        if freeze_batch_norm or frozen:
+            freeze_module_stats(module)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Optimizer groups: conv/fc kernels get L2 (slim's regularizers), biases and norms don't."""
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        leaf = name.rsplit(".", 1)[-1]
+        is_kernel = leaf == "weight" and parameter.dim() > 1
+        (decay if is_kernel else no_decay).append(parameter)
+    groups = []
+    if decay:
+        groups.append({"params": decay, "weight_decay": weight_decay})
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups

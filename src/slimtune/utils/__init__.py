@@ -1,0 +1,1 @@
+"""Small shared helpers (wire formats, checksums, files)."""
