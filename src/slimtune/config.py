@@ -182,11 +182,21 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, config_class: type)
             parser.add_argument(*spellings, **options)
 
 
+RECIPES_DIR = Path(__file__).parent / "recipes"
+
+
+def bundled_recipes() -> list[str]:
+    """Names of the recipes shipped with slimtune (usable as `--config NAME`)."""
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+
 def load_yaml(path: Union[str, Path]) -> dict[str, Any]:
-    """Read a YAML recipe into a flat dict of settings (dashes in keys become underscores)."""
+    """Read a YAML recipe (a file, or a bundled recipe's name) into a flat dict of settings."""
     path = Path(path)
+    if not path.is_file() and (RECIPES_DIR / f"{path.name}.yaml").is_file():
+        path = RECIPES_DIR / f"{path.name}.yaml"
     if not path.is_file():
-        raise ConfigError(f"--config {path}: no such file")
+        raise ConfigError(f"--config {path}: no such file (bundled recipes: {', '.join(bundled_recipes())})")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as error:

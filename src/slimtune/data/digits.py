@@ -7,6 +7,8 @@ a stratified 80/20 train/test split with a fixed seed.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 
 from ..errors import DataError
@@ -16,7 +18,9 @@ DIGIT_NAMES = [str(d) for d in range(10)]
 SPLITS = ("train", "test", "all")
 
 
+@lru_cache(maxsize=1)
 def _upscaled_digits() -> tuple[np.ndarray, np.ndarray]:
+    """All 1797 digits upscaled to 24x24 uint8 (cached: scikit-learn's loader takes seconds)."""
     import torch
     import torch.nn.functional as F
     from sklearn.datasets import load_digits
@@ -25,7 +29,10 @@ def _upscaled_digits() -> tuple[np.ndarray, np.ndarray]:
     images = torch.from_numpy(digits.images.astype(np.float32) * (255.0 / 16.0))[:, None]
     images = F.interpolate(images, scale_factor=3, mode="bilinear", align_corners=False)
     images = images.round().clamp(0, 255).to(torch.uint8)[:, 0].numpy()
-    return images, digits.target.astype(np.int64)
+    images.setflags(write=False)
+    labels = digits.target.astype(np.int64)
+    labels.setflags(write=False)
+    return images, labels
 
 
 def load_digits_source(split: str = "train", seed: int = 0) -> ArraySource:
