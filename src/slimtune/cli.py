@@ -21,7 +21,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     config = build_config(TrainConfig, _given(args))
     result = train(config)
-    if not config.dry_run:
+    if not config.dry_run and os.environ.get("RANK", "0") == "0":  # under torchrun, one summary
         print(json.dumps({"train_dir": str(result.train_dir), "step": result.step,
                           "checkpoint": str(result.checkpoint), "loss": result.last_loss,
                           "skipped_images": result.skipped_images}))

@@ -98,8 +98,9 @@ def load_for_eval(checkpoint_path: str | Path, model_name: Optional[str], num_cl
         raise ConfigError(f"{weights} does not record its network: pass --model_name")
     spec = get_model_spec(name)
     classes = int(meta["num_classes"]) if meta.get("num_classes") else num_classes
+    trained_size = int(meta["image_size"]) if meta.get("image_size") else None
     if meta.get("format") == "slimtune":
-        model = spec.build(classes)
+        model = spec.build(classes, image_size=trained_size)
         ckpt.load_weights_into(model, weights)
     else:
         from ..checkpoint.restore import restore

@@ -18,13 +18,14 @@ def _lrn(x: Tensor) -> Tensor:
 
 
 class _CifarNetBody(nn.Module):
-    def __init__(self, num_classes: int, dropout_keep_prob: float) -> None:
+    def __init__(self, num_classes: int, dropout_keep_prob: float, image_size: int) -> None:
         super().__init__()
         self.conv1 = Conv2d(3, 64, 5)
         self.pool1 = MaxPool2d(2, 2)
         self.conv2 = Conv2d(64, 64, 5)
         self.pool2 = MaxPool2d(2, 2)
-        self.fc3 = Linear(8 * 8 * 64, 384)
+        side = image_size // 2 // 2  # fc3's width follows the input size, as slim's flatten does
+        self.fc3 = Linear(side * side * 64, 384)
         self.dropout3 = dropout_module(dropout_keep_prob)
         self.fc4 = Linear(384, 192)
         self.logits = Linear(192, num_classes, activation=None) if num_classes else None
@@ -43,9 +44,9 @@ class CifarNet(SlimNet):
     classifier_scope = "CifarNet/logits"
     num_features = 192
 
-    def __init__(self, num_classes: int = 10, dropout_keep_prob: float = 0.5) -> None:
+    def __init__(self, num_classes: int = 10, dropout_keep_prob: float = 0.5, image_size: int = 32) -> None:
         super().__init__(num_classes)
-        self.CifarNet = _CifarNetBody(num_classes, dropout_keep_prob)
+        self.CifarNet = _CifarNetBody(num_classes, dropout_keep_prob, image_size)
 
     def forward_endpoints(self, x: Tensor) -> tuple[Tensor, "OrderedDict[str, Tensor]"]:
         """Logits and slim's end points (conv1 … Logits, Predictions)."""
@@ -56,7 +57,7 @@ class CifarNet(SlimNet):
         net = end_points["conv2"] = body.conv2(net)
         net = _lrn(net)
         net = end_points["pool2"] = body.pool2(net)
-        net = flatten_nhwc(net)
+        net = end_points["Flatten"] = flatten_nhwc(net)
         net = end_points["fc3"] = body.fc3(net)
         net = body.dropout3(net)
         net = end_points["fc4"] = body.fc4(net)
@@ -67,7 +68,8 @@ class CifarNet(SlimNet):
         return logits, end_points
 
 
-@register_model(default_image_size=32, preprocessing="cifarnet", checkpoint_num_classes=10, scope="CifarNet")
+@register_model(default_image_size=32, preprocessing="cifarnet", checkpoint_num_classes=10, scope="CifarNet",
+                sized_by_input=True)
 def cifarnet(num_classes: int = 10, **kwargs) -> CifarNet:
-    """CifarNet (slim nets/cifarnet.py), 32x32 RGB input."""
+    """CifarNet (slim nets/cifarnet.py), 32x32 RGB input (`image_size` sets another fixed size)."""
     return CifarNet(num_classes, **kwargs)

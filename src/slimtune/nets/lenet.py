@@ -12,13 +12,15 @@ from .registry import register_model
 
 
 class _LeNetBody(nn.Module):
-    def __init__(self, in_channels: int, num_classes: int, dropout_keep_prob: float) -> None:
+    def __init__(self, in_channels: int, num_classes: int, dropout_keep_prob: float, image_size: int) -> None:
         super().__init__()
         self.conv1 = Conv2d(in_channels, 32, 5)
         self.pool1 = MaxPool2d(2, 2)
         self.conv2 = Conv2d(32, 64, 5)
         self.pool2 = MaxPool2d(2, 2)
-        self.fc3 = Linear(7 * 7 * 64, 1024)
+        # slim flattens whatever the two VALID 2x2 pools leave: fc3's width follows the input size.
+        side = image_size // 2 // 2
+        self.fc3 = Linear(side * side * 64, 1024)
         self.dropout3 = dropout_module(dropout_keep_prob)
         self.fc4 = Linear(1024, num_classes, activation=None) if num_classes else None
         for module in (self.conv1, self.conv2, self.fc3, self.fc4):
@@ -33,9 +35,10 @@ class LeNet(SlimNet):
     classifier_scope = "LeNet/fc4"
     num_features = 1024
 
-    def __init__(self, num_classes: int = 10, dropout_keep_prob: float = 0.5, in_channels: int = 1) -> None:
+    def __init__(self, num_classes: int = 10, dropout_keep_prob: float = 0.5, in_channels: int = 1,
+                 image_size: int = 28) -> None:
         super().__init__(num_classes)
-        self.LeNet = _LeNetBody(in_channels, num_classes, dropout_keep_prob)
+        self.LeNet = _LeNetBody(in_channels, num_classes, dropout_keep_prob, image_size)
 
     def forward_endpoints(self, x: Tensor) -> tuple[Tensor, "OrderedDict[str, Tensor]"]:
         """Logits and slim's end points (conv1 … Logits, Predictions)."""
@@ -55,7 +58,7 @@ class LeNet(SlimNet):
 
 
 @register_model(default_image_size=28, preprocessing="lenet", checkpoint_num_classes=10, scope="LeNet",
-                in_channels=1)
+                in_channels=1, sized_by_input=True)
 def lenet(num_classes: int = 10, **kwargs) -> LeNet:
-    """LeNet (slim nets/lenet.py), grayscale 28x28 input."""
+    """LeNet (slim nets/lenet.py), grayscale 28x28 input (`image_size` sets another fixed size)."""
     return LeNet(num_classes, **kwargs)

@@ -38,11 +38,18 @@ class ModelSpec:
     in_channels: int = 3
     published_checkpoint: Optional[str] = None
     description: str = ""
+    #: True when parameter shapes depend on the input size (slim's lenet/cifarnet flatten).
+    sized_by_input: bool = False
     defaults: dict[str, Any] = field(default_factory=dict)
 
-    def build(self, num_classes: int, **kwargs: Any) -> nn.Module:
-        """Build the network, then attach this spec to it as `model.spec`."""
+    def build(self, num_classes: int, image_size: Optional[int] = None, **kwargs: Any) -> nn.Module:
+        """Build the network, then attach this spec to it as `model.spec`.
+
+        image_size only reaches builders whose parameter shapes depend on it (`sized_by_input`).
+        """
         options = {**self.defaults, **{k: v for k, v in kwargs.items() if v is not None}}
+        if image_size is not None and self.sized_by_input:
+            options["image_size"] = image_size
         model = self.builder(num_classes=num_classes, **options)
         model.spec = self
         return model
@@ -55,7 +62,7 @@ _BUILTINS_LOADED = False
 def register_model(name: Optional[str] = None, *, default_image_size: int, preprocessing: str,
                    checkpoint_num_classes: int, scope: str, in_channels: int = 3,
                    published_checkpoint: Optional[str] = None, description: str = "",
-                   **defaults: Any) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+                   sized_by_input: bool = False, **defaults: Any) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
     """Register a network builder `fn(num_classes, **kwargs) -> nn.Module` under `name`.
 
     Extra keyword arguments become the builder's default options (e.g. depth_multiplier=0.5
@@ -67,7 +74,7 @@ def register_model(name: Optional[str] = None, *, default_image_size: int, prepr
                          preprocessing=preprocessing, checkpoint_num_classes=checkpoint_num_classes,
                          scope=scope, in_channels=in_channels, published_checkpoint=published_checkpoint,
                          description=description or (inspect.getdoc(builder) or "").split("\n")[0],
-                         defaults=dict(defaults))
+                         sized_by_input=sized_by_input, defaults=dict(defaults))
         _REGISTRY[key] = spec
         specs = getattr(builder, "slimtune_specs", [])
         builder.slimtune_specs = specs + [spec]  # type: ignore[attr-defined]

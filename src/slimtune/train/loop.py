@@ -105,7 +105,7 @@ def _pos_weight(config: TrainConfig, source: Any, num_classes: int) -> Optional[
 def build_model(spec: ModelSpec, num_classes: int, config: TrainConfig) -> nn.Module:
     """The network, initialized from the seed."""
     torch.manual_seed(config.seed)
-    return spec.build(num_classes)
+    return spec.build(num_classes, image_size=config.train_image_size)
 
 
 def _warm_start(model: nn.Module, config: TrainConfig, runtime: Runtime) -> Any:
