@@ -1,27 +1,31 @@
 """slimtune: fine-tune TF-Slim image classifiers on PyTorch.
 
     import slimtune
-    model = slimtune.create_model("resnet_v1_50", num_classes=2, checkpoint_path=None)
+    model = slimtune.create_model("resnet_v1_50", num_classes=2)
     plan = slimtune.restore(model, "resnet_v1_50.ckpt", exclude_scopes=["resnet_v1_50/logits"])
 """
 
+from importlib import import_module
 from typing import Any
 
 __version__ = "0.1.0"
 
-from .errors import SlimtuneError  # noqa: E402
-from .nets.registry import create_model, get_model_spec, list_models, register_model  # noqa: E402
+# Attributes are imported on first use: `import slimtune` stays light, and the torch-free parts
+# (slimtune.testing, the checkpoint readers) also import where torch is not installed.
+_LAZY = {
+    "SlimtuneError": "slimtune.errors",
+    "create_model": "slimtune.nets.registry",
+    "get_model_spec": "slimtune.nets.registry",
+    "list_models": "slimtune.nets.registry",
+    "register_model": "slimtune.nets.registry",
+    "restore": "slimtune.checkpoint.restore",
+    "read_checkpoint": "slimtune.checkpoint.reader",
+}
 
-__all__ = ["SlimtuneError", "__version__", "create_model", "get_model_spec", "list_models", "read_checkpoint",
-           "register_model", "restore"]
+__all__ = ["__version__", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:
-    # The checkpoint machinery is imported on first use so `import slimtune` stays light.
-    if name == "restore":
-        from .checkpoint.restore import restore
-        return restore
-    if name == "read_checkpoint":
-        from .checkpoint.reader import read_checkpoint
-        return read_checkpoint
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'slimtune' has no attribute {name!r}")
