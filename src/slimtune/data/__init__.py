@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
+
 from ..errors import DataError
 from .base import IGNORE, ImageSource, StreamSource
 from .labels import read_labels_file, write_labels_file
@@ -25,6 +27,9 @@ def available_splits(dataset_name: Optional[str], dataset_dir: Optional[str]) ->
     if dataset_name and dataset_name in _slim_dataset_names():
         from . import slim_datasets
         return list(slim_datasets.DATASETS[dataset_name].splits)
+    if dataset_dir and str(dataset_dir).endswith(".npz"):
+        with np.load(dataset_dir, allow_pickle=False) as arrays:
+            return sorted(k[: -len("_images")] for k in arrays.files if k.endswith("_images")) or ["all"]
     if dataset_dir:
         root = Path(dataset_dir)
         from .convert import detect_source
@@ -63,6 +68,7 @@ def build_source(dataset_name: Optional[str] = None, dataset_dir: Optional[str] 
       in dataset_dir as slim's converters wrote them.
     - `voc` or a VOCdevkit directory: Pascal VOC multi-label.
     - a .csv / .jsonl manifest file.
+    - a .npz of numpy arrays (`images` uint8 NHWC/NHW/NCHW + `labels`, or `<split>_images` + …).
     - a directory converted by `slimtune data convert` (TFRecords + slimtune_dataset.json).
     - an image folder `dir/<class>/…`, or `dir/<split>/<class>/…`.
     """
@@ -81,6 +87,9 @@ def build_source(dataset_name: Optional[str] = None, dataset_dir: Optional[str] 
     root = Path(dataset_dir).expanduser()
     if not root.exists():
         raise DataError(f"--dataset_dir {root} does not exist")
+    if root.suffix == ".npz" and root.is_file():
+        from .arrays import load_npz_source
+        return load_npz_source(root, split)
     from .convert import detect_source
     kind = "voc" if dataset_name == "voc" else detect_source(root)
     if kind == "voc":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
@@ -47,3 +48,22 @@ class ArraySource(ImageSource):
     def targets(self) -> list:
         """Targets in order."""
         return list(self.labels.astype(np.float32)) if self.multi_label else [int(v) for v in self.labels]
+
+
+def load_npz_source(path: str | Path, split: str = "train") -> ArraySource:
+    """A dataset stored as numpy arrays in one .npz: `images` + `labels`, or `<split>_images` +
+    `<split>_labels`; optional `class_names`. Loaded without pickle."""
+    path = Path(path)
+    try:
+        arrays = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as error:
+        raise DataError(f"{path}: not a readable .npz of arrays ({error})") from error
+    with arrays:
+        keys = set(arrays.files)
+        for images_key, labels_key in ((f"{split}_images", f"{split}_labels"), ("images", "labels")):
+            if images_key in keys and labels_key in keys:
+                names = [str(n) for n in arrays["class_names"]] if "class_names" in keys else None
+                return ArraySource(arrays[images_key], arrays[labels_key], class_names=names)
+    splits = sorted(k[: -len("_images")] for k in keys if k.endswith("_images"))
+    raise DataError(f"{path} has no 'images'/'labels' arrays" +
+                    (f" for split {split!r} (it has {', '.join(splits)})" if splits else ""))

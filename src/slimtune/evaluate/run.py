@@ -64,7 +64,11 @@ def evaluate_model(model: nn.Module, source: Any, spec: ModelSpec, *, preprocess
                 continue
             logits = model(batch.images.to(device)).float()
             scores = torch.sigmoid(logits) if multi_label else logits
-            accumulator.update(scores.cpu().numpy(), batch.targets.numpy())
+            if multi_label:
+                accumulator.update(scores.cpu().numpy(), batch.targets.numpy())
+            else:  # sample ids (file paths) let the report show misclassified examples
+                accumulator.update(scores.cpu().numpy(), batch.targets.numpy(),
+                                   sample_ids=[_describe(source, int(i)) for i in batch.indices])
             seen.append(batch.indices.numpy())
             if return_scores:
                 all_scores.append(scores.cpu().numpy())
@@ -84,6 +88,12 @@ def evaluate_model(model: nn.Module, source: Any, spec: ModelSpec, *, preprocess
         results["_scores"] = np.concatenate(all_scores) if all_scores else np.zeros((0, num_classes))
         results["_indices"] = indices
     return results
+
+
+def _describe(source: Any, index: int) -> str:
+    """Where a sample comes from (a file path for folders, VOC and manifests)."""
+    describe = getattr(source, "describe", None)
+    return describe(index) if callable(describe) else str(index)
 
 
 def load_for_eval(checkpoint_path: str | Path, model_name: Optional[str], num_classes: Optional[int],
