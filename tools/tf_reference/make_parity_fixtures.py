@@ -1,0 +1,255 @@
+"""Generate TF-Slim golden outputs (and a few TF checkpoints) for slimtune's parity tests.
+
+Developer-only: run with the TensorFlow reference environment, never at test time::
+
+    /work/tfenv/bin/python tools/tf_reference/make_parity_fixtures.py \
+        --slim_src /work/slim_src --out tests/golden [--nets vgg_16,lenet] [--seed 0] [--write_checkpoint]
+
+For every config it builds the research/slim net in graph mode inside its nets_factory arg_scope
+(is_training=False), assigns ``slimtune.testing.seeded_slim_weights`` to every variable, runs the
+two ``seeded_inputs`` images and writes ``<out>/<config>.npz`` (see slimtune.testing for the
+format).  It refuses to write a fixture whose logits are non-finite, constant, or nearly the same
+for both images: such a fixture would pass for a broken net.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+_HERE = Path(__file__).resolve().parent
+_REPO = _HERE.parent.parent
+sys.path.insert(0, str(_HERE))
+
+from slim_env import load_slim  # noqa: E402
+
+
+def _load_testing_module() -> Any:
+    """Load src/slimtune/testing.py by path: it is numpy-only, while the slimtune package
+    imports torch, which the TF environment does not have."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("slimtune_testing", _REPO / "src" / "slimtune" / "testing.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve their module through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+_testing = _load_testing_module()
+seeded_inputs = _testing.seeded_inputs
+seeded_slim_weights = _testing.seeded_slim_weights
+write_golden = _testing.write_golden
+
+BATCH = 2
+MIN_RELATIVE_LOGIT_DIFFERENCE = 0.05
+
+
+@dataclass(frozen=True)
+class FixtureConfig:
+    """One golden: which slim net, with which kwargs, at which input size."""
+
+    model_name: str                      # nets_factory name
+    num_classes: int | None
+    image_size: int
+    net_kwargs: dict[str, Any] = field(default_factory=dict)   # extra kwargs to the net function
+    channels: int = 3
+    checkpoint: str | None = None        # "v1" / "v2": --write_checkpoint saves this TF format
+
+
+CONFIGS: dict[str, FixtureConfig] = {
+    # Small nets (MNIST / CIFAR-10 sizes).
+    "lenet": FixtureConfig("lenet", 10, 28, channels=1),
+    "cifarnet": FixtureConfig("cifarnet", 10, 32),
+    # VGG / AlexNet / OverFeat: 1000 classes, no BatchNorm, biases everywhere.
+    "vgg_a": FixtureConfig("vgg_a", 1000, 224),
+    "vgg_16": FixtureConfig("vgg_16", 1000, 224),
+    "vgg_19": FixtureConfig("vgg_19", 1000, 224),
+    "vgg_16_headless": FixtureConfig("vgg_16", 0, 224),
+    "vgg_16_gp256": FixtureConfig("vgg_16", 1000, 256, {"global_pool": True}),
+    "alexnet_v2": FixtureConfig("alexnet_v2", 1000, 224),
+    "overfeat": FixtureConfig("overfeat", 1000, 231),
+    # Dense (fully convolutional) and any-size modes of the conv-as-FC heads; 1000 classes so that
+    # each shares its seeded weights with the family's main config (the tests generate them once).
+    "vgg_16_dense100": FixtureConfig("vgg_16", 1000, 100, {"fc_conv_padding": "SAME", "spatial_squeeze": False}),
+    "alexnet_v2_gp257": FixtureConfig("alexnet_v2", 1000, 257, {"global_pool": True}),
+    "alexnet_v2_headless": FixtureConfig("alexnet_v2", 0, 224),
+    "overfeat_dense263": FixtureConfig("overfeat", 1000, 263, {"spatial_squeeze": False}),
+    # ResNet v1 (1000 classes, as the published slim checkpoints) and v2 (1001 classes).
+    "resnet_v1_50": FixtureConfig("resnet_v1_50", 1000, 224),
+    "resnet_v1_101": FixtureConfig("resnet_v1_101", 1000, 224),
+    "resnet_v1_152": FixtureConfig("resnet_v1_152", 1000, 224),
+    "resnet_v1_200": FixtureConfig("resnet_v1_200", 1000, 224),
+    "resnet_v1_50_os16": FixtureConfig("resnet_v1_50", 1000, 224, {"output_stride": 16}),
+    "resnet_v1_50_os8": FixtureConfig("resnet_v1_50", 1000, 224, {"output_stride": 8}),
+    "resnet_v1_50_headless": FixtureConfig("resnet_v1_50", 0, 224),
+    "resnet_v2_50": FixtureConfig("resnet_v2_50", 1001, 224),
+    "resnet_v2_101": FixtureConfig("resnet_v2_101", 1001, 224),
+    "resnet_v2_152": FixtureConfig("resnet_v2_152", 1001, 224),
+    "resnet_v2_200": FixtureConfig("resnet_v2_200", 1001, 224),
+    "resnet_v2_50_headless": FixtureConfig("resnet_v2_50", 0, 224),
+    # Dense prediction mode at an odd size: feature maps 50->25->13->7->4 exercise SAME padding.
+    "resnet_v2_50_nopool": FixtureConfig("resnet_v2_50", 1001, 100,
+                                         {"global_pool": False, "spatial_squeeze": False}),
+    # MobileNets (1001 classes).
+    "mobilenet_v1": FixtureConfig("mobilenet_v1", 1001, 224),
+    "mobilenet_v1_075": FixtureConfig("mobilenet_v1_075", 1001, 224),
+    "mobilenet_v1_050": FixtureConfig("mobilenet_v1_050", 1001, 224),
+    "mobilenet_v1_025": FixtureConfig("mobilenet_v1_025", 1001, 224),
+    "mobilenet_v1_160": FixtureConfig("mobilenet_v1", 1001, 160),
+    "mobilenet_v2": FixtureConfig("mobilenet_v2", 1001, 224),
+    "mobilenet_v2_140": FixtureConfig("mobilenet_v2_140", 1001, 224),
+    "mobilenet_v2_035": FixtureConfig("mobilenet_v2_035", 1001, 224),
+    # MobileNet variants (small multipliers keep them cheap): the published 0.5_160 and 0.25_128
+    # sizes, any size with global_pool (odd: symmetric SAME pads), dense logits (AvgPool_1a's
+    # stride 2 at 320 -> 2x2), v2's output_stride (atrous) and use_explicit_padding (differs from
+    # SAME at even sizes).
+    "mobilenet_v1_050_160": FixtureConfig("mobilenet_v1_050", 1001, 160),
+    "mobilenet_v1_025_128": FixtureConfig("mobilenet_v1_025", 1001, 128),
+    "mobilenet_v1_025_gp193": FixtureConfig("mobilenet_v1_025", 1001, 193, {"global_pool": True}),
+    "mobilenet_v1_025_dense320": FixtureConfig("mobilenet_v1_025", 1001, 320, {"spatial_squeeze": False}),
+    "mobilenet_v2_035_os16": FixtureConfig("mobilenet_v2_035", 1001, 224, {"output_stride": 16}),
+    "mobilenet_v2_035_explicit150": FixtureConfig("mobilenet_v2_035", 1001, 150, {"use_explicit_padding": True}),
+    # Checkpoint fixtures: real TF-written files, kept small (few classes, tiny images) so they
+    # can be committed (~0.5 + 0.8 + 0.9 MB).  The fc3 input of lenet and cifarnet grows with
+    # the image (4x4 pools down to 1x1x64), and their conv layers are the same at any size.
+    "lenet_ckpt": FixtureConfig("lenet", 10, 4, channels=1, checkpoint="v1"),
+    "cifarnet_ckpt": FixtureConfig("cifarnet", 10, 4, checkpoint="v2"),
+    "mobilenet_v1_025_ckpt": FixtureConfig("mobilenet_v1_025", 10, 64, checkpoint="v2"),
+    # ResNet extras at odd sizes: store_non_strided_activations with output_stride 16 (both of
+    # stack_blocks_dense's post-block branches: subsample, then rate *= block stride), v1's
+    # depth_multiplier/min_base_depth with dense logits, and v2's atrous output_stride 8.
+    "resnet_v1_50_nonstrided_os16": FixtureConfig("resnet_v1_50", 1000, 97,
+                                                  {"store_non_strided_activations": True, "output_stride": 16}),
+    "resnet_v1_50_dm025_dense65": FixtureConfig("resnet_v1_50", 10, 65,
+                                                {"depth_multiplier": 0.25, "min_base_depth": 20,
+                                                 "global_pool": False, "spatial_squeeze": False}),
+    "resnet_v2_50_os8": FixtureConfig("resnet_v2_50", 1001, 97, {"output_stride": 8}),
+}
+
+
+def _partial_keywords(fn: Any) -> dict[str, Any]:
+    """Keyword defaults a nets_factory entry bakes in (e.g. depth_multiplier of mobilenet_v1_075)."""
+    keywords: dict[str, Any] = {}
+    while isinstance(fn, functools.partial):
+        keywords = {**fn.keywords, **keywords}
+        fn = fn.func
+    return {k: v for k, v in keywords.items() if isinstance(v, (int, float, str, bool, type(None)))}
+
+
+def _check_logits(name: str, logits: np.ndarray) -> float:
+    """Refuse weak fixtures: non-finite, constant, or the two images giving similar logits."""
+    assert np.all(np.isfinite(logits)), f"{name}: logits are not finite"
+    flat = logits.reshape(logits.shape[0], -1).astype(np.float64)
+    assert flat.std() > 1e-6 * max(np.abs(flat).max(), 1e-30), f"{name}: logits are constant"
+    assert np.all(flat.std(axis=1) > 0), f"{name}: logits of one image are constant"
+    difference = np.linalg.norm(flat[0] - flat[1]) / max(np.linalg.norm(flat[0]), np.linalg.norm(flat[1]))
+    assert difference > MIN_RELATIVE_LOGIT_DIFFERENCE, (
+        f"{name}: the two inputs give logits only {difference:.2%} apart; the fixture would be weak")
+    return float(difference)
+
+
+def _assert_inference_graph(name: str, graph: Any) -> None:
+    """Inference means BN uses moving statistics and dropout is off; check the graph says so."""
+    for op in graph.get_operations():
+        if op.type.startswith("FusedBatchNorm"):
+            assert not op.get_attr("is_training"), f"{name}: {op.name} normalises with batch statistics"
+        assert "/moments/" not in op.name, f"{name}: {op.name} computes batch moments (training-mode BN)"
+        random = op.type.startswith("Random") and "/Initializer/" not in op.name  # initializers are fine
+        assert not random, f"{name}: {op.name} ({op.type}) is random (dropout on?)"
+
+
+def make_fixture(env: Any, config_name: str, config: FixtureConfig, out_dir: Path, seed: int,
+                 write_checkpoint: bool) -> dict[str, Any]:
+    """Build, run and record one config; return a summary line's data."""
+    tf = env.tf
+    started = time.time()
+    inputs = seeded_inputs(BATCH, config.image_size, config.image_size, config.channels, seed)
+    graph = tf.Graph()
+    with graph.as_default():
+        images = tf.placeholder(tf.float32, [BATCH, config.image_size, config.image_size, config.channels],
+                                name="images")
+        network_fn = env.nets_factory.get_network_fn(config.model_name, num_classes=config.num_classes,
+                                                     weight_decay=0.0, is_training=False)
+        logits_t, end_points_t = network_fn(images, **config.net_kwargs)
+        _assert_inference_graph(config_name, graph)
+        variables = tf.global_variables()
+        model_variables = set(v.name for v in tf.model_variables())
+        extra = [v.name for v in variables if v.name not in model_variables]
+        assert not extra, f"{config_name}: non-model variables in an inference graph: {extra[:5]}"
+        manifest = [(v.op.name, tuple(v.shape.as_list())) for v in variables]
+        weights = seeded_slim_weights(manifest, seed)
+        with tf.Session(graph=graph) as sess:
+            for variable in variables:
+                variable.load(weights[variable.op.name], session=sess)
+            fetched = sess.run({"logits": logits_t, "end_points": dict(end_points_t)}, {images: inputs})
+            if write_checkpoint and config.checkpoint:
+                version = (tf.train.SaverDef.V1 if config.checkpoint == "v1" else tf.train.SaverDef.V2)
+                saver = tf.train.Saver(var_list=variables, write_version=version)
+                saver.save(sess, str(out_dir / f"{config_name}.ckpt"), write_meta_graph=False,
+                           write_state=False)
+    logits = np.asarray(fetched["logits"], dtype=np.float32)
+    difference = _check_logits(config_name, logits)
+    for ep_name, value in fetched["end_points"].items():
+        assert np.all(np.isfinite(value)), f"{config_name}: end point {ep_name} is not finite"
+    model_kwargs = {"num_classes": config.num_classes, **_partial_keywords(
+        env.nets_factory.networks_map[config.model_name]), **config.net_kwargs}
+    versions = {key: str(value) for key, value in env.versions.items()}
+    path = write_golden(out_dir / f"{config_name}.npz", config_name=config_name, model_name=config.model_name,
+                        model_kwargs=model_kwargs, seed=seed, input_seed=seed, inputs=inputs,
+                        variables=manifest, logits=logits, end_points=fetched["end_points"],
+                        versions=versions)
+    return {"config": config_name, "logits_shape": logits.shape, "end_points": len(fetched["end_points"]),
+            "variables": len(manifest), "logit_difference": difference,
+            "max_abs_logit": float(np.abs(logits).max()), "bytes": path.stat().st_size,
+            "seconds": time.time() - started}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--slim_src", default="/work/slim_src", help="research/slim checkout")
+    parser.add_argument("--out", default=str(_REPO / "tests" / "golden"), help="output directory")
+    parser.add_argument("--nets", default="all", help="comma list of config names, or 'all'")
+    parser.add_argument("--seed", type=int, default=0, help="weights and inputs seed")
+    parser.add_argument("--write_checkpoint", action="store_true",
+                        help="also save the TF checkpoint of configs that name a format (V1/V2)")
+    parser.add_argument("--list", action="store_true", help="print the config table and exit")
+    args = parser.parse_args(argv)
+
+    if args.list:
+        for name, config in CONFIGS.items():
+            print(f"{name:24s} {config.model_name:18s} classes={config.num_classes} "
+                  f"size={config.image_size} {config.net_kwargs} {config.checkpoint or ''}")
+        return 0
+    names = list(CONFIGS) if args.nets == "all" else [n.strip() for n in args.nets.split(",") if n.strip()]
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown:
+        parser.error(f"unknown config(s) {unknown}; see --list")
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    env = load_slim(args.slim_src)
+    print(f"versions: {env.versions}")
+    total = 0
+    for name in names:
+        summary = make_fixture(env, name, CONFIGS[name], out_dir, args.seed, args.write_checkpoint)
+        total += summary["bytes"]
+        print(f"{name:24s} logits{tuple(summary['logits_shape'])} end_points={summary['end_points']:3d} "
+              f"vars={summary['variables']:4d} diff={summary['logit_difference']:.2f} "
+              f"max|logit|={summary['max_abs_logit']:.3g} {summary['bytes'] / 1024:.0f} KiB "
+              f"{summary['seconds']:.1f}s", flush=True)
+    print(f"total golden size: {total / 1024:.0f} KiB")
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    raise SystemExit(main())
