@@ -104,7 +104,7 @@ class TrainConfig(DataSettings):
     seed: int = _flag(0, "random seed (weights, data order, augmentation)")
     deterministic: bool = _flag(False, "deterministic algorithms: a CPU run repeats bit for bit")
     device: str = _flag("auto", "cpu, cuda, cuda:N or auto")
-    channels_last: Optional[bool] = _flag(None, "channels-last memory format (default: on for 4-D convnets)")
+    channels_last: Optional[bool] = _flag(None, "channels-last memory format (default: on)")
     amp: bool = _flag(False, "mixed precision (bfloat16 on CPU, float16 on CUDA)")
     config: Optional[str] = _flag(None, "YAML file with any of these settings (flags override it)")
 

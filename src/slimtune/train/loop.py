@@ -207,7 +207,9 @@ def _train(config: TrainConfig, runtime: Runtime) -> TrainResult:
         raise ConfigError(f"--trainable_scopes {config.trainable_scopes!r} leaves nothing to train")
 
     model.to(runtime.device)
-    channels_last = config.channels_last if config.channels_last is not None else runtime.device.type == "cuda"
+    # channels-last is faster for these convnets on GPU and on CPU (oneDNN; depthwise backward
+    # in NCHW is especially slow there).
+    channels_last = config.channels_last if config.channels_last is not None else True
     if channels_last:
         model.to(memory_format=torch.channels_last)
     module: nn.Module = model
