@@ -122,9 +122,10 @@ def _warm_start(model: nn.Module, config: TrainConfig, runtime: Runtime) -> Any:
 def _trainable_names(model: nn.Module, config: TrainConfig) -> Optional[set[str]]:
     if not config.trainable_scopes:
         return None
-    from ..checkpoint.scopes import parse_scopes, select_params
+    from ..checkpoint.scopes import select_params
 
-    return set(select_params(model, parse_scopes(config.trainable_scopes)))
+    # The raw text goes in so that errors quote the scope as the user spelled it.
+    return set(select_params(model, config.trainable_scopes))
 
 
 def _steps(config: TrainConfig, num_samples: int, runtime: Runtime) -> tuple[int, float, Optional[int]]:
