@@ -132,3 +132,10 @@ def test_fit_torch_array_reshapes_dense_and_conv_only():
     assert fit_torch_array(dense, (5, 3, 2, 2)).shape == (5, 3, 2, 2)
     assert fit_torch_array(dense.reshape(5, 3, 2, 2), (5, 12)).shape == (5, 12)
     assert fit_torch_array(dense, (6, 10)).shape == (5, 12)  # other differences are reported, not hidden
+
+
+def test_resnet_v2_standalone_norm_scopes_map_to_gamma_and_beta():
+    # slim's resnet_v2 has batch norms named `preact` and `postnorm`, without a BatchNorm scope.
+    assert torch_to_slim("resnet_v2_50.postnorm.weight") == "resnet_v2_50/postnorm/gamma"
+    assert torch_to_slim("resnet_v2_50.block1.unit_1.bottleneck_v2.preact.bias") == \
+        "resnet_v2_50/block1/unit_1/bottleneck_v2/preact/beta"

@@ -41,7 +41,9 @@ _TORCH_TO_SLIM_NORM_LEAF = {"weight": "gamma", "bias": "beta"}
 
 # A scope that holds a normalization layer: slim's `BatchNorm`, NASNet's `beginning_bn` /
 # `bn_sep_3x3_1`, torch-style `bn1`, and the other norm layers' default scopes.
-_NORM_SCOPE = re.compile(r"BatchNorm|LayerNorm|GroupNorm|InstanceNorm|(^|_)bn(\d+)?(_|$)", re.IGNORECASE)
+# slim's ResNet v2 names its standalone batch norms `preact` and `postnorm` (no BatchNorm scope).
+_NORM_SCOPE = re.compile(r"BatchNorm|LayerNorm|GroupNorm|InstanceNorm|(^|_)bn(\d+)?(_|$)|^preact$|^postnorm$",
+                         re.IGNORECASE)
 
 # Suffixes that are not part of a variable's name: TF's output index and TF2's object-graph path.
 _TENSOR_SUFFIXES = (":0", "/.ATTRIBUTES/VARIABLE_VALUE")
