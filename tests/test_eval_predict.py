@@ -68,8 +68,8 @@ def test_watch_evaluates_each_new_checkpoint(trained, tmp_path):
             shutil.copy(first.weights.with_name(first.weights.name.replace(".safetensors", suffix)),
                         train_dir / f"model.ckpt-{step}{suffix}")
         (train_dir / "checkpoint").write_text(f'model_checkpoint_path: "model.ckpt-{step}.safetensors"\n')
-        deadline = time.time() + 60
-        while len(results) < (1 if step == 5 else 2) and watcher.is_alive() and time.time() < deadline:
+        deadline = time.time() + 60  # wait until the watcher has evaluated this checkpoint
+        while not (train_dir / f"model.ckpt-{step}.eval-test.json").exists() and time.time() < deadline:
             time.sleep(0.1)
     watcher.join(timeout=60)
     assert [Path(r["checkpoint"]).name for r in results] == ["model.ckpt-5.safetensors", "model.ckpt-9.safetensors"]

@@ -20,7 +20,7 @@ from .evaluate.run import evaluate_checkpoint, headline
 from .predict import format_table, predict
 from .train.loop import train
 
-DEMO_EPOCHS = 12
+DEMO_EPOCHS = 8
 
 
 def _say(text: str) -> None:
@@ -50,7 +50,7 @@ def run_demo(output_dir: str | Path = "slimtune_demo", max_steps: Optional[int] 
                          num_epochs=None if max_steps else DEMO_EPOCHS, max_number_of_steps=max_steps,
                          optimizer="adam", learning_rate=1e-3, learning_rate_decay_type="cosine",
                          end_learning_rate=1e-5, weight_decay=1e-4, log_every_n_steps=20,
-                         save_every_n_steps=100, num_workers=0, eval_every_n_steps=200)
+                         save_every_n_steps=100, num_workers=0, eval_every_n_steps=120)
     result = train(config)
     results = evaluate_checkpoint(EvalConfig(checkpoint_path=str(train_dir), dataset_name="digits",
                                              dataset_split_name="test", num_workers=0))
