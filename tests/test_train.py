@@ -133,3 +133,16 @@ def test_too_small_dataset_and_missing_model_are_one_line_errors(tmp_path, cats_
     assert "fewer than one batch" in capsys.readouterr().err
     assert main(["train", "--dataset_name", "digits", "--train_dir", str(tmp_path / "r2")]) == 2
     assert "--model_name is required" in capsys.readouterr().err
+
+
+def test_freeze_batch_norm_keeps_moving_statistics(tmp_path, cats_vs_dogs):
+    result = train(TrainConfig(model_name="mobilenet_v1_025", dataset_dir=str(cats_vs_dogs), train_dir=str(tmp_path),
+                               train_image_size=64, batch_size=4, max_number_of_steps=2, num_workers=0,
+                               optimizer="sgd", learning_rate=0.1, freeze_batch_norm=True,
+                               save_summaries_secs=1e9))
+    weights = load_file(str(result.checkpoint))
+    torch.manual_seed(0)
+    fresh = create_model("mobilenet_v1_025", num_classes=2).state_dict()
+    statistics = [name for name in fresh if name.endswith(("running_mean", "running_var"))]
+    assert statistics and all(torch.equal(weights[name], fresh[name]) for name in statistics)
+    assert not torch.equal(weights["MobilenetV1.Conv2d_0.weight"], fresh["MobilenetV1.Conv2d_0.weight"])
