@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
+import skimage.data
 import torch
+from PIL import Image
 
 from slimtune.data import build_source
 from slimtune.data.arrays import ArraySource
 from slimtune.data.base import holdout_split
+from slimtune.data.decode import decode_image, open_image
 from slimtune.data.digits import load_digits_source
 from slimtune.data.folder import ImageFolderSource
 from slimtune.data.labels import labels_to_names, read_labels_file, write_labels_file
-from slimtune.data.loader import EpochSampler, build_loader, set_loader_epoch
+from slimtune.data.loader import EpochSampler, build_loader, sample_seed, set_loader_epoch
 from slimtune.errors import DataError
 from slimtune.preprocessing import get_preprocessing
 
@@ -133,3 +138,137 @@ def test_holdout_split_is_disjoint_and_repeatable(cats_vs_dogs):
     assert len(train) == 9 and len(validation) == 3
     assert not set(train.indices) & set(validation.indices)
     assert holdout_split(source, 0.25, seed=0)[1].indices == validation.indices
+
+
+def test_numpy_arrays_in_an_npz_are_a_dataset(tmp_path):
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "data.npz", train_images=rng.integers(0, 255, (10, 16, 16, 3), dtype=np.uint8),
+             train_labels=np.arange(10) % 3, test_images=rng.integers(0, 255, (4, 16, 16, 3), dtype=np.uint8),
+             test_labels=np.array([0, 1, 2, 0]), class_names=np.array(["a", "b", "c"]))
+    train = build_source(dataset_dir=str(tmp_path / "data.npz"), split="train")
+    assert len(train) == 10 and train.class_names == ["a", "b", "c"]
+    assert len(build_source(dataset_dir=str(tmp_path / "data.npz"), split="auto")) == 4  # picks 'test'
+    with pytest.raises(DataError, match="for split 'validation'"):
+        build_source(dataset_dir=str(tmp_path / "data.npz"), split="validation")
+
+
+def _expected_training_image(path, transform, size, seed, epoch, index):
+    """What the loader must give: the plain transform on a full Pillow decode, seeded per sample."""
+    image = torch.from_numpy(decode_image(path)).permute(2, 0, 1)
+    generator = torch.Generator().manual_seed(sample_seed(seed, epoch, index))
+    return transform(image, size, size, generator=generator)
+
+
+@pytest.mark.parametrize("name", ["vgg", "inception"])
+def test_training_batches_equal_the_plain_transform_on_a_full_decode(cats_vs_dogs, name):
+    # The loader draws the crop from the JPEG header and decodes with torchvision when the crop
+    # needs the full resolution: the result must be the plain path's, bit for bit.
+    source = ImageFolderSource(cats_vs_dogs)
+    preprocess = get_preprocessing(name, is_training=True)
+    loader = build_loader(source, preprocess, (40, 40), batch_size=4, training=True, seed=5)
+    set_loader_epoch(loader, 2)
+    batches = list(loader)
+    assert sum(len(b) for b in batches) == 12
+    for batch in batches:
+        for image, index in zip(batch.images, batch.indices.tolist()):
+            path = source.samples[index][0]
+            assert torch.equal(image, _expected_training_image(path, preprocess, 40, 5, 2, index))
+
+
+def _large_jpeg_folder(root: Path) -> Path:
+    photo = Image.fromarray(skimage.data.astronaut()).resize((1024, 768), Image.Resampling.BICUBIC)
+    for label in ("a", "b"):
+        (root / label).mkdir(parents=True)
+        for index in range(2):
+            photo.rotate(90 * index).save(root / label / f"{index}.jpg", quality=90)
+    return root
+
+
+def test_large_training_jpegs_are_decoded_at_the_size_their_crop_needs(tmp_path, monkeypatch):
+    import slimtune.data.loader as loader_module
+
+    scales: list[int] = []
+
+    def spying_open_image(payload, description=""):
+        image = open_image(payload, description)
+        decode = image.decode
+        image.decode = lambda channels=3, min_size=None: (scales.append(image.dct_scale(min_size)),
+                                                          decode(channels, min_size))[1]
+        return image
+
+    monkeypatch.setattr(loader_module, "open_image", spying_open_image)
+    source = ImageFolderSource(_large_jpeg_folder(tmp_path / "large"))
+    preprocess = get_preprocessing("inception", is_training=True)
+    loader = build_loader(source, preprocess, (64, 64), batch_size=4, training=True, seed=1)
+    for epoch in range(3):
+        set_loader_epoch(loader, epoch)
+        for batch in loader:
+            for image, index in zip(batch.images, batch.indices.tolist()):
+                path = source.samples[index][0]
+                generator = torch.Generator().manual_seed(sample_seed(1, epoch, index))
+                with open_image(path) as header:
+                    plan = preprocess.plan(header.height, header.width, 64, 64, generator=generator)
+                    scale = header.dct_scale(plan.decode_size)
+                # The same crop of the same picture: against a box-filtered full decode the only
+                # difference is how the DCT-domain downscale rounds.
+                reduced = Image.fromarray(decode_image(path)).reduce(scale)
+                expected = preprocess.apply_plan(torch.from_numpy(np.array(reduced)).permute(2, 0, 1), 64, 64, plan)
+                assert (image - expected).abs().mean() < 0.01
+    assert len(scales) == 12 and max(scales) > 1
+    scales.clear()
+    evaluation = build_loader(source, get_preprocessing("inception", is_training=False), (64, 64), batch_size=4,
+                              training=False)
+    assert sum(len(b) for b in evaluation) == 4 and scales == [1, 1, 1, 1]   # evaluation decodes in full
+
+
+@pytest.mark.parametrize("name, options", [("vgg", {}), ("vgg", dict(resize_side_min=300, resize_side_max=320)),
+                                           ("inception", {}), ("inception", dict(fast_mode=False)),
+                                           ("inception", dict(bbox=[[0.1, 0.2, 0.6, 0.9]]))])
+def test_plan_then_apply_equals_one_call(name, options):
+    image = torch.from_numpy(skimage.data.coffee()).permute(2, 0, 1)        # 400 x 600
+    for use_grayscale in (False, True):
+        preprocess = get_preprocessing(name, is_training=True, use_grayscale=use_grayscale, **options)
+        for seed in range(4):
+            plan = preprocess.plan(400, 600, 96, 80, generator=torch.Generator().manual_seed(seed))
+            assert plan.image_size == (400, 600) and min(plan.decode_size) > 0
+            planned = preprocess.apply_plan(image, 96, 80, plan)
+            assert torch.equal(planned, preprocess(image, 96, 80, generator=torch.Generator().manual_seed(seed)))
+    assert get_preprocessing(name, is_training=False).plan(400, 600, 96, 80) is None    # eval has no draws
+    assert get_preprocessing("cifarnet", is_training=True).plan(32, 32, 32, 32) is None  # needs the pixels
+
+
+def _noisy_crop(image, height, width):
+    """A transform without a generator argument: it draws from torch's global RNG."""
+    return image[:, :height, :width].float() + torch.rand(())
+
+
+def test_transforms_without_a_generator_are_seeded_per_sample(cats_vs_dogs):
+    source = ImageFolderSource(cats_vs_dogs)
+    loader = build_loader(source, _noisy_crop, (16, 16), batch_size=4, training=True, seed=2)
+    torch.manual_seed(123)
+    first = [b.images for b in loader]
+    after_noisy = torch.rand(3)
+    torch.manual_seed(123)
+    list(build_loader(source, lambda image, h, w: image.float(), (16, 16), batch_size=4, training=True, seed=2))
+    assert torch.equal(after_noisy, torch.rand(3))       # the transform's draws leave the global RNG alone
+    again = [b.images for b in loader]
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    noise = torch.cat([(b - b.round()).flatten(1)[:, 0] for b in first])
+    assert len(set(noise.tolist())) == 12                     # a different draw per sample
+
+
+def test_resizing_a_decoded_hwc_image_equals_resizing_a_contiguous_one():
+    # Decoders hand over HWC memory (a CHW view); strong downscales gather rows from it directly.
+    from slimtune.preprocessing import ops
+
+    photo = skimage.data.astronaut()                                   # 512 x 512
+    view = torch.from_numpy(photo).permute(2, 0, 1)
+    assert view.stride(0) == 1
+    for window, exact, flip in (((10, 20, 48, 40), True, False), ((0, 0, 60, 60), False, True),
+                                ((5, 3, 50, 30), True, True)):
+        a = ops.resize_bilinear_tf1_window(view, 60, 64, window, flip=flip, exact=exact)
+        b = ops.resize_bilinear_tf1_window(view.contiguous(), 60, 64, window, flip=flip, exact=exact)
+        assert torch.equal(a, b)
+    gray = view[:1].expand(3, -1, -1)                                   # a broadcast 1-channel image
+    assert torch.equal(ops.resize_bilinear_tf1_window(gray, 30, 30),
+                       ops.resize_bilinear_tf1_window(gray.contiguous(), 30, 30))

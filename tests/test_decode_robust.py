@@ -10,9 +10,10 @@ import zlib
 import numpy as np
 import pytest
 import skimage.data
+import torch
 from PIL import Image
 
-from slimtune.data.decode import BadImageError, decode_image
+from slimtune.data.decode import BadImageError, decode_image, decode_tensor, open_image, read_jpeg_header
 from slimtune.data.manifest import ManifestSource
 from slimtune.errors import DataError
 
@@ -188,3 +189,105 @@ def test_manifest_line_pointing_at_a_missing_file_is_reported(tmp_path):
     assert decode_image(source.read(0)[0]).shape == PHOTO.shape
     with pytest.raises(DataError, match="list.csv: 1 of 2 lines point at missing images"):
         ManifestSource(manifest, skip_missing=False)
+
+
+# ---- open_image / LazyImage: header first, the training loader's decode path ----------------
+
+def _lazy_pixels(payload, channels=3, min_size=None) -> np.ndarray:
+    with open_image(payload) as image:
+        return image.decode(channels, min_size).permute(1, 2, 0).numpy()
+
+
+@pytest.mark.parametrize("save", [dict(quality=90), dict(quality=95, subsampling=0),
+                                  dict(quality=85, progressive=True), dict(quality=75, optimize=True)],
+                         ids=["420", "444", "progressive", "optimized"])
+def test_lazy_decode_gives_the_pixels_pillow_gives(save):
+    photo = skimage.data.astronaut()[::2, ::2]
+    data = _encode(Image.fromarray(photo), format="JPEG", **save)
+    with open_image(data) as image:
+        assert image.jpeg is not None and (image.height, image.width) == (256, 256)  # parsed, no Pillow
+        assert image._decode_with_torchvision(3) is not None     # ... and decoded by torchvision
+    np.testing.assert_array_equal(_lazy_pixels(data), decode_image(data))
+
+
+def test_lazy_decode_of_grayscale_cmyk_and_png_matches_decode_image():
+    gray = _encode(Image.fromarray(skimage.data.camera()[::8, ::8]), format="JPEG", quality=90)
+    cmyk = _encode(Image.fromarray(PHOTO).convert("CMYK"), format="JPEG", quality=95)
+    png = _encode(Image.fromarray(PHOTO), format="PNG")
+    for data in (gray, cmyk, png, _jpeg()):
+        for channels in (3, 1):
+            np.testing.assert_array_equal(_lazy_pixels(data, channels), decode_image(data, channels))
+
+
+def test_jpeg_header_parser_agrees_with_pillow():
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    exif[0x010F] = "camera maker"       # another tag before the orientation one
+    rotated = _jpeg(exif=exif.tobytes())
+    plain_exif = Image.Exif()
+    plain_exif[0x010F] = "no orientation"
+    cases = {"plain": _jpeg(), "rotated": rotated, "exif without orientation": _jpeg(exif=plain_exif.tobytes()),
+             "gray": _encode(Image.fromarray(PHOTO[:, :, 0]), format="JPEG"),
+             "progressive": _jpeg(progressive=True)}
+    for name, data in cases.items():
+        header = read_jpeg_header(data)
+        with Image.open(io.BytesIO(data)) as image:
+            assert (header.width, header.height) == image.size, name
+            assert header.components == len(image.getbands()), name
+            assert header.orientation == image.getexif().get(0x0112, 1), name
+    assert read_jpeg_header(_encode(Image.fromarray(PHOTO), format="PNG")) is None
+    assert read_jpeg_header(b"\xff\xd8\xff\xe0\x00") is None           # cut inside the first segment
+    for cut in range(0, 400, 7):                                       # any prefix: a header or None
+        header = read_jpeg_header(rotated[:cut])
+        assert header is None or (header.height, header.width) == (64, 96)
+
+
+def test_lazy_image_reports_the_upright_size_and_decodes_upright():
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    data = _jpeg(exif=exif.tobytes())
+    with open_image(data) as image:
+        assert (image.height, image.width) == (96, 64)
+        pixels = image.decode().permute(1, 2, 0).numpy()
+    np.testing.assert_array_equal(pixels, decode_image(data))
+    drafted = _lazy_pixels(data, min_size=(40, 30))          # 1/2 scale still covers 40 x 30
+    assert drafted.shape == (48, 32, 3)
+    assert np.abs(drafted.astype(int) - np.rot90(PHOTO, k=-1)[::2, ::2]).mean() < 8
+
+
+def test_lazy_decode_picks_the_coarsest_dct_scale_that_covers_min_size():
+    big = _encode(Image.fromarray(skimage.data.astronaut()), format="JPEG", quality=90)   # 512 x 512
+    for min_size, side in (((300, 300), 512), ((256, 200), 256), ((100, 120), 128), ((60, 20), 64),
+                           (None, 512)):
+        with open_image(big) as image:
+            assert image.dct_scale(min_size) == 512 // side
+            assert tuple(image.decode(3, min_size).shape) == (3, side, side)
+    png = _encode(Image.fromarray(skimage.data.astronaut()), format="PNG")
+    with open_image(png) as image:
+        assert image.dct_scale((60, 60)) == 1          # DCT scaling is a JPEG thing
+
+
+@pytest.mark.parametrize("payload", [b"", b"not an image at all", b"\xff\xd8\xff\xdb garbage"])
+def test_lazy_open_or_decode_of_garbage_is_a_bad_image(payload):
+    with pytest.raises(BadImageError):
+        with open_image(payload) as image:
+            image.decode()
+
+
+def test_lazy_decode_of_truncated_jpeg_and_missing_file(tmp_path):
+    data = _jpeg()
+    with pytest.raises(BadImageError, match="cannot decode"):
+        with open_image(data[: len(data) // 2], "half.jpg") as image:
+            assert (image.height, image.width) == (64, 96)     # the header survived the cut
+            image.decode()
+    with pytest.raises(BadImageError, match="file not found"):
+        open_image(tmp_path / "gone.jpg")
+    (tmp_path / "ok.jpg").write_bytes(data)
+    assert decode_tensor(tmp_path / "ok.jpg").shape == (3, 64, 96)
+
+
+def test_lazy_image_of_an_array():
+    with open_image(PHOTO) as image:
+        assert (image.height, image.width) == (64, 96)
+        assert torch.equal(image.decode(), torch.from_numpy(PHOTO).permute(2, 0, 1))
+        assert image.decode(1).shape == (1, 64, 96)

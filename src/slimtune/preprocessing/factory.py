@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple, Optional
 
 import torch
 
@@ -42,6 +42,14 @@ SLIM_MODEL_PREPROCESSING: dict[str, str] = {
 Preprocessor = Callable[..., torch.Tensor]
 
 
+class TrainPlan(NamedTuple):
+    """One image's training randomness, drawn from its size before decoding (PreprocessingFn.plan)."""
+
+    params: Any                      # the family's train parameters (VggTrainParams, InceptionTrainParams)
+    image_size: tuple[int, int]      # (height, width) of the full image the draws were made for
+    decode_size: tuple[int, int]     # the smallest (height, width) a reduced-size decode may have
+
+
 @dataclass(frozen=True)
 class PreprocessingFn:
     """A picklable ``fn(image, height, width, **kwargs)`` bound to a family and a mode."""
@@ -51,12 +59,45 @@ class PreprocessingFn:
     use_grayscale: bool = False
     defaults: dict[str, Any] = field(default_factory=dict)
 
-    def __call__(self, image: torch.Tensor, height: int, width: int, **kwargs: Any) -> torch.Tensor:
-        """Preprocess one uint8 CHW image to a float32 CHW tensor of the requested size."""
-        module = PREPROCESSING_MODULES[self.name]
+    def __call__(self, image: torch.Tensor, height: int, width: int,
+                 generator: Optional[torch.Generator] = None, **kwargs: Any) -> torch.Tensor:
+        """Preprocess one uint8 CHW image to a float32 CHW tensor of the requested size.
+
+        Training draws come from `generator` (named in the signature so loaders can tell that
+        they may pass one), else from torch's global RNG.
+        """
+        return PREPROCESSING_MODULES[self.name].preprocess_image(
+            image, height, width, is_training=self.is_training, use_grayscale=self.use_grayscale,
+            **self._options(generator, kwargs))
+
+    def _options(self, generator: Optional[torch.Generator], kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Defaults, then call options, then the call's generator (when given) on top."""
         options = {**self.defaults, **kwargs}
-        return module.preprocess_image(image, height, width, is_training=self.is_training,
-                                       use_grayscale=self.use_grayscale, **options)
+        if generator is not None:
+            options["generator"] = generator
+        return options
+
+    def plan(self, image_height: int, image_width: int, height: int, width: int,
+             generator: Optional[torch.Generator] = None, **kwargs: Any) -> Optional[TrainPlan]:
+        """Draw a training call's randomness from the image size alone; None where it needs pixels.
+
+        vgg and inception training draw only geometry and colour factors, so a loader can call
+        this on a JPEG header, decode at any size >= ``plan.decode_size`` and finish with
+        ``apply_plan``: for the same generator state that equals ``fn(image, height, width,
+        **kwargs)`` on the full image (exactly, when the decode is full size).
+        """
+        module = PREPROCESSING_MODULES[self.name]
+        if not self.is_training or not hasattr(module, "plan_train"):
+            return None
+        params, decode_size = module.plan_train(image_height, image_width, height, width,
+                                                **self._options(generator, kwargs))
+        return TrainPlan(params, (image_height, image_width), decode_size)
+
+    def apply_plan(self, image: torch.Tensor, height: int, width: int, plan: TrainPlan) -> torch.Tensor:
+        """Finish a planned call on the decoded image (full size or a reduced decode of it)."""
+        module = PREPROCESSING_MODULES[self.name]
+        return module.apply_train(image, height, width, plan.params, use_grayscale=self.use_grayscale,
+                                  source_size=plan.image_size)
 
 
 def list_preprocessing() -> list[str]:

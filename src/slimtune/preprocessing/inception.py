@@ -7,10 +7,13 @@ then (x - 0.5) * 2.
 
 Training is split into drawing the random parameters (``sample_train_params``) and applying
 them (``apply_train``), so a run can be replayed or checked against TF with fixed parameters.
+The draws need only the image size, so a loader can draw them from a JPEG header and decode at
+the coarsest DCT scale that still covers the crop at full detail (``plan_train``).
 """
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional
 
 import numpy as np
@@ -126,21 +129,41 @@ def _fused_brightness_saturation(pixels: torch.Tensor, delta: float, factor: flo
     return torch.addcmul(offset, pixels, ratio).clamp_(-1.0, 1.0)
 
 
+def _scaled_crop(crop: ops.CropBox, source_size: tuple[int, int], image_height: int,
+                 image_width: int) -> ops.CropBox:
+    """The crop drawn on a source_size image, moved onto a reduced-size decode of that image."""
+    source_height, source_width = source_size
+    if (source_height, source_width) == (image_height, image_width):
+        return crop
+    scale_y, scale_x = image_height / source_height, image_width / source_width
+    top, left = round(crop.top * scale_y), round(crop.left * scale_x)
+    bottom = min(max(round((crop.top + crop.height) * scale_y), top + 1), image_height)
+    right = min(max(round((crop.left + crop.width) * scale_x), left + 1), image_width)
+    top, left = min(top, bottom - 1), min(left, right - 1)
+    return ops.CropBox(top, left, bottom - top, right - left)
+
+
 def apply_train(image: torch.Tensor, height: int, width: int, params: InceptionTrainParams,
-                use_grayscale: bool = False, exact: bool = False) -> torch.Tensor:
+                use_grayscale: bool = False, exact: bool = False,
+                source_size: Optional[tuple[int, int]] = None) -> torch.Tensor:
     """Crop, resize, mirror, distort colours, clip and map to [-1, 1] with fixed parameters.
 
     `exact=True` follows TF's float32 arithmetic step by step ([0, 1] floats, TF's resize order,
     one op after another). The default works in 0..255 units, picks the faster resize order and
     fuses brightness + saturation + clip + scaling into one pass; every op involved is
-    scale-equivariant, so the two differ by float rounding only (~1e-6).
+    scale-equivariant, so the two differ by float rounding only (~1e-6). `source_size`: the
+    (height, width) of the image the crop was drawn for, when `image` is a reduced-size decode of
+    it (see ``train_decode_size``); the crop is scaled onto it.
     """
     ops.check_image(image)
     image = ops.to_rgb(image)
     crop = params.crop
+    bounds = source_size or (image.shape[1], image.shape[2])
     if crop.top < 0 or crop.left < 0 or crop.height < 1 or crop.width < 1 \
-            or crop.top + crop.height > image.shape[1] or crop.left + crop.width > image.shape[2]:
-        raise ConfigError(f"crop {tuple(crop)} does not fit in the {image.shape[1]}x{image.shape[2]} image")
+            or crop.top + crop.height > bounds[0] or crop.left + crop.width > bounds[1]:
+        raise ConfigError(f"crop {tuple(crop)} does not fit in the {bounds[0]}x{bounds[1]} image")
+    if source_size is not None:
+        crop = _scaled_crop(crop, source_size, image.shape[1], image.shape[2])
     window = image[:, crop.top:crop.top + crop.height, crop.left:crop.left + crop.width]
     value_scale, value_range = (_UINT8_TO_UNIT, 1.0) if exact else (None, 255.0)
     if params.resize_method == ops.RESIZE_BILINEAR:
@@ -164,6 +187,30 @@ def apply_train(image: torch.Tensor, height: int, width: int, params: InceptionT
     if exact:
         return pixels.sub_(0.5).mul_(2.0)          # slim's (x - 0.5) * 2
     return pixels.mul_(2.0 / value_range).sub_(1.0)
+
+
+def train_decode_size(params: InceptionTrainParams, image_height: int, image_width: int, height: int,
+                      width: int) -> tuple[int, int]:
+    """The smallest decoded size at which the crop still spans more than height x width pixels.
+
+    One pixel of margin absorbs the rounding of the crop onto the reduced image, so a decode at
+    least this large is only ever shrunk by the resize, as the full image would be.
+    """
+    crop = params.crop
+    return (math.ceil((height + 1) * image_height / crop.height),
+            math.ceil((width + 1) * image_width / crop.width))
+
+
+def plan_train(image_height: int, image_width: int, height: int, width: int, bbox=None, fast_mode: bool = True,
+               crop_image: bool = True, generator: Optional[torch.Generator] = None
+               ) -> tuple[InceptionTrainParams, tuple[int, int]]:
+    """preprocess_image's training draws from the image size alone, and the decode size they need.
+
+    Takes preprocess_image's options and draws exactly what it would from the same generator
+    state, so ``apply_train(image, height, width, params)`` gives the same result.
+    """
+    params = sample_train_params(image_height, image_width, bbox, fast_mode, crop_image, generator)
+    return params, train_decode_size(params, image_height, image_width, height, width)
 
 
 def preprocess_for_train(image: torch.Tensor, height: int, width: int, bbox=None, fast_mode: bool = True,

@@ -137,8 +137,14 @@ def resize_bilinear_tf1_window(image: Tensor, resized_height: int, resized_width
         source = image[:, first_row:last_row + 1, first_col:last_col + 1]
         row_taps = torch.from_numpy(np.concatenate([y_lo, y_hi]) - first_row)
     else:
-        source = image[:, :, first_col:last_col + 1].index_select(
-            1, torch.from_numpy(np.concatenate([y_lo, y_hi])))
+        taps = torch.from_numpy(np.concatenate([y_lo, y_hi]))
+        block = image[:, :, first_col:last_col + 1]
+        if channels > 1 and image.stride(0) == 1:
+            # HWC memory (what JPEG decoders produce): gathering whole pixel rows is a row copy,
+            # some 30x faster than gathering along dim 1 of the CHW view.
+            source = block.permute(1, 2, 0).index_select(0, taps).permute(2, 0, 1)
+        else:
+            source = block.index_select(1, taps)
         row_taps = torch.arange(2 * height)
     column_taps = torch.from_numpy(np.concatenate([x_lo, x_hi]) - first_col)
     column_lerp, row_lerp = torch.from_numpy(x_lerp), torch.from_numpy(y_lerp)[:, None]

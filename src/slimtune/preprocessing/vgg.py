@@ -7,6 +7,8 @@ train path cheap; the values are those of resizing the whole image and cropping.
 
 Training is split into drawing the random parameters (``sample_train_params``) and applying
 them (``apply_train``), so a run can be replayed or checked against TF with fixed parameters.
+The draws need only the image size, so a loader can draw them from a JPEG header and decode at
+the coarsest DCT scale that still covers the resized image at full detail (``plan_train``).
 """
 
 from __future__ import annotations
@@ -72,18 +74,44 @@ def sample_train_params(image_height: int, image_width: int, height: int, width:
 
 
 def apply_train(image: torch.Tensor, height: int, width: int, params: VggTrainParams,
-                use_grayscale: bool = False, exact: bool = False) -> torch.Tensor:
+                use_grayscale: bool = False, exact: bool = False,
+                source_size: Optional[tuple[int, int]] = None) -> torch.Tensor:
     """Resize to params.resize_side, crop at (top, left), mirror if asked, subtract the means.
 
     `exact=True` keeps TF's float32 operation order (bit-identical resize); the default picks
-    the faster order, which differs by float rounding only.
+    the faster order, which differs by float rounding only. `source_size`: the (height, width)
+    of the image the parameters were drawn for, when `image` is a reduced-size decode of it
+    (see ``train_decode_size``); the crop then lands on the same part of the picture.
     """
     ops.check_image(image)
     image = ops.to_rgb(image)
-    new_h, new_w = _resized_size(image.shape[1], image.shape[2], params.resize_side, height, width)
+    image_height, image_width = source_size or (image.shape[1], image.shape[2])
+    new_h, new_w = _resized_size(image_height, image_width, params.resize_side, height, width)
     pixels = ops.resize_bilinear_tf1_window(image, new_h, new_w, (params.top, params.left, height, width),
                                             flip=params.flip, exact=exact)
     return _subtract_means(pixels, use_grayscale)
+
+
+def train_decode_size(params: VggTrainParams, image_height: int, image_width: int, height: int,
+                      width: int) -> tuple[int, int]:
+    """The smallest decoded size that loses nothing for `params`: the resized image's size.
+
+    A decode at least this large is only ever shrunk by the resize, as the full image is.
+    """
+    return _resized_size(image_height, image_width, params.resize_side, height, width)
+
+
+def plan_train(image_height: int, image_width: int, height: int, width: int,
+               resize_side_min: int = RESIZE_SIDE_MIN, resize_side_max: int = RESIZE_SIDE_MAX,
+               generator: Optional[torch.Generator] = None) -> tuple[VggTrainParams, tuple[int, int]]:
+    """preprocess_for_train's draws from the image size alone, and the decode size they need.
+
+    Draws exactly what preprocess_for_train would from the same generator state, so
+    ``apply_train(image, height, width, params)`` gives the same result.
+    """
+    params = sample_train_params(image_height, image_width, height, width, resize_side_min, resize_side_max,
+                                 generator)
+    return params, train_decode_size(params, image_height, image_width, height, width)
 
 
 def preprocess_for_train(image: torch.Tensor, height: int, width: int,
