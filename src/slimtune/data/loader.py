@@ -3,6 +3,14 @@
 Augmentation randomness is seeded per sample from (seed, epoch, index), so a run gives the same
 batches whatever the number of workers, and a resumed run continues the exact sequence of the
 uninterrupted one. Unreadable images are skipped and counted (or fatal with on_bad_image='fail').
+
+Training with slim's vgg or inception preprocessing draws each image's crop from its header
+before decoding it (``PreprocessingFn.plan``), so a JPEG much larger than its crop is decoded at
+1/2, 1/4 or 1/8 size (libjpeg DCT scaling) and nothing the crop needs is lost; plain JPEGs are
+decoded by torchvision's libjpeg-turbo binding (see ``decode.LazyImage``). Workers stack batches
+straight into shared memory, as torch's default collate does, so handing a batch to the main
+process copies nothing. Map-style loaders keep their workers across epochs; with num_workers=0
+the per-image work runs on one thread.
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_
 
 from ..errors import ConfigError
 from .base import ImageSource, StreamSource
-from .decode import BadImageError, decode_image
+from .decode import BadImageError, open_image
 
 Transform = Callable[..., torch.Tensor]
 BAD_IMAGE_POLICIES = ("skip", "fail")
@@ -57,29 +65,59 @@ class _SampleMaker:
         self.channels = channels
         self.multi_label = multi_label
         self.on_bad_image = on_bad_image
-        # JPEG DCT scaling keeps both sides >= this: enough for any crop/resize we then apply.
-        self.draft_size = (self.width, self.height) if draft else None
+        # Transforms that can draw their randomness from the image size (PreprocessingFn.plan)
+        # say which decode size loses nothing; others get JPEG DCT scaling that keeps both sides
+        # >= the output size.
+        self.takes_generator = _accepts_generator(transform)
+        self.plans = draft and self.takes_generator and callable(getattr(transform, "plan", None)) \
+            and callable(getattr(transform, "apply_plan", None))
+        self.min_decode_size = (self.height, self.width) if draft else None
         self.seed = seed
         self.epoch = 0
         self.labels_offset = labels_offset
-        self.takes_generator = _accepts_generator(transform)
 
     def make(self, payload: Any, target: Any, index: int, description: str, epoch: Optional[int] = None):
+        """The sample dict of one payload ({'bad': description} for an unreadable image)."""
+        threads = torch.get_num_threads()
+        if threads == 1 or get_worker_info() is not None:
+            return self._make(payload, target, index, description, epoch)
+        # In the main process (num_workers=0) torch would split every small per-image op over all
+        # cores: several times slower than one thread, and worse on a busy machine. One thread also
+        # keeps reductions (contrast's mean) in the order loader workers use.
+        torch.set_num_threads(1)
         try:
-            array = decode_image(payload, self.channels, self.draft_size, description)
+            return self._make(payload, target, index, description, epoch)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _make(self, payload: Any, target: Any, index: int, description: str, epoch: Optional[int]):
+        epoch = self.epoch if epoch is None else epoch
+        generator = torch.Generator().manual_seed(sample_seed(self.seed, epoch, index))
+        plan = None
+        try:
+            with open_image(payload, description) as encoded:
+                if self.plans:
+                    plan = self.transform.plan(encoded.height, encoded.width, self.height, self.width,
+                                               generator=generator)
+                image = encoded.decode(self.channels, plan.decode_size if plan is not None else self.min_decode_size)
         except BadImageError:
             if self.on_bad_image == "fail":
                 raise
             return {"bad": description}
-        image = torch.from_numpy(array).permute(2, 0, 1)
-        epoch = self.epoch if epoch is None else epoch
-        generator = torch.Generator().manual_seed(sample_seed(self.seed, epoch, index))
-        if self.takes_generator:
+        if plan is not None:
+            pixels = self.transform.apply_plan(image, self.height, self.width, plan)
+        elif self.takes_generator:
             pixels = self.transform(image, self.height, self.width, generator=generator)
         else:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(generator.initial_seed())
+            # A transform drawing from the global RNG gets it seeded for this sample and restored
+            # after. Only the CPU generator: torch.manual_seed would also queue seeding of every
+            # accelerator backend, at a cost of milliseconds per call.
+            state = torch.get_rng_state()
+            torch.default_generator.manual_seed(generator.initial_seed())
+            try:
                 pixels = self.transform(image, self.height, self.width)
+            finally:
+                torch.set_rng_state(state)
         if not self.multi_label and self.labels_offset:
             target = int(target) - self.labels_offset
         return {"image": pixels, "target": target_tensor(target, self.multi_label), "index": index}
@@ -219,13 +257,30 @@ class Batch:
         return int(self.images.shape[0])
 
 
+def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """torch.stack; inside a loader worker straight into shared memory, as default_collate does.
+
+    A worker's batch reaches the main process through shared memory: stacking into it directly
+    saves copying the whole batch there when it is sent.
+    """
+    if get_worker_info() is not None:
+        first = tensors[0]
+        try:
+            storage = first._typed_storage()._new_shared(sum(t.numel() for t in tensors), device=first.device)
+            out = first.new(storage).resize_(len(tensors), *first.shape)
+            return torch.stack(tensors, out=out)
+        except (AttributeError, RuntimeError, TypeError):
+            pass  # a torch without these internals: the plain stack below is copied when sent
+    return torch.stack(tensors)
+
+
 def collate(items: Sequence[dict]) -> Optional[Batch]:
     """Stack good samples; keep the descriptions of bad ones. None when every sample was bad."""
     bad = [item["bad"] for item in items if "bad" in item]
     good = [item for item in items if "bad" not in item]
     if not good:
         return Batch(torch.empty(0), torch.empty(0), torch.empty(0, dtype=torch.int64), bad)
-    return Batch(torch.stack([item["image"] for item in good]),
+    return Batch(_stack([item["image"] for item in good]),
                  torch.stack([item["target"] for item in good]),
                  torch.tensor([item["index"] for item in good], dtype=torch.int64), bad)
 
@@ -241,13 +296,21 @@ def build_loader(source: ImageSource | StreamSource, transform: Transform, image
                  batch_size: int, training: bool, channels: int = 3, num_workers: int = 0, seed: int = 0,
                  on_bad_image: str = "skip", rank: int = 0, world_size: int = 1, drop_last: Optional[bool] = None,
                  labels_offset: int = 0, pin_memory: bool = False, draft: Optional[bool] = None) -> DataLoader:
-    """A DataLoader of `Batch`es over any source; training shuffles, evaluation keeps order."""
+    """A DataLoader of `Batch`es over any source; training shuffles, evaluation keeps order.
+
+    `draft` (default: `training`) allows reduced-size JPEG decoding: by the crop each image's
+    draws need for slimtune's vgg / inception training preprocessing, else down to the output
+    size. `pin_memory=True` (for CUDA training) hands out batches in page-locked memory.
+    """
     draft = training if draft is None else draft
     maker = _SampleMaker(transform, image_size, channels, source.multi_label, on_bad_image, draft, seed,
                          labels_offset)
     drop_last = training if drop_last is None else drop_last
+    # The loader draws its workers' base seed each time an epoch starts; from the global RNG that
+    # would shift dropout's random stream whenever a resumed run starts an epoch mid-way.
     common = dict(batch_size=batch_size, num_workers=num_workers, collate_fn=collate, pin_memory=pin_memory,
-                  worker_init_fn=_seed_worker if num_workers else None)
+                  worker_init_fn=_seed_worker if num_workers else None,
+                  generator=torch.Generator().manual_seed(seed))
     if num_workers:
         common["prefetch_factor"] = 4
     if isinstance(source, StreamSource):
