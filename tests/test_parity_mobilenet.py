@@ -8,21 +8,21 @@ one TF checkpoint, written once per family while that family's tests run.
 
 from __future__ import annotations
 
-import gc
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from slimtune.checkpoint import write_tf_checkpoint
 from slimtune.checkpoint.restore import restore
 from slimtune.errors import ConfigError
 from slimtune.nets import create_model, get_model_spec
 from slimtune.nets.mobilenet_common import make_divisible
-from slimtune.testing import assert_matches_golden, load_golden, seeded_slim_weights
+from slimtune.testing import assert_matches_golden, seeded_slim_weights
 
-GOLDEN_DIR = Path(__file__).parent / "golden"
+from parity_support import GOLDEN_DIR, FamilyCheckpoints
+from parity_support import golden as _golden
+from parity_support import nchw as _nchw
+from parity_support import net_kwargs as _net_kwargs
 
 # Configs sharing one checkpoint: each family's configs have exactly the same variables.
 FAMILIES = {
@@ -49,12 +49,6 @@ _TORCH_LEAVES = {"weights": "weight", "biases": "bias", "depthwise_weights": "de
                  "gamma": "weight", "beta": "bias", "moving_mean": "running_mean", "moving_variance": "running_var"}
 
 
-def _golden(config: str):
-    return load_golden(GOLDEN_DIR / f"{config}.npz")
-
-
-def _net_kwargs(golden) -> dict:
-    return {k: v for k, v in golden.model_kwargs.items() if k != "num_classes"}
 
 
 def _tolerance(golden) -> float:
@@ -63,9 +57,6 @@ def _tolerance(golden) -> float:
     result (so TF itself is that far off) and 1.2e-4 from the float32 run, which is 1.8e-4 from TF."""
     return 3e-4 if golden.model_name.startswith("mobilenet_v2") else 1e-4
 
-
-def _nchw(golden) -> torch.Tensor:
-    return torch.from_numpy(golden.inputs).permute(0, 3, 1, 2).contiguous()
 
 
 def _torch_name_and_shape(name: str, shape: tuple[int, ...]) -> tuple[str, tuple[int, ...]]:
@@ -79,37 +70,9 @@ def _torch_name_and_shape(name: str, shape: tuple[int, ...]) -> tuple[str, tuple
     return key, tuple(shape)
 
 
-class _FamilyCheckpoints:
-    """One TF checkpoint per family, kept only while that family's tests run."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self.family = None
-        self.path = None
-        self.variables: dict[str, tuple[int, ...]] = {}
-
-    def get(self, family: str) -> tuple[Path, dict[str, tuple[int, ...]]]:
-        if family != self.family:
-            self.release()
-            golden = _golden(family)
-            weights = seeded_slim_weights(golden.variables, golden.seed)
-            self.path = write_tf_checkpoint(self.directory / f"{family}.ckpt", weights)
-            self.variables = {name: tuple(value.shape) for name, value in weights.items()}
-            self.family = family
-            del weights
-            gc.collect()
-        return self.path, self.variables
-
-    def release(self) -> None:
-        if self.path is not None:
-            for file in self.directory.glob(f"{self.family}.ckpt*"):
-                file.unlink()
-        self.family = self.path = None
-
-
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    store = _FamilyCheckpoints(tmp_path_factory.mktemp("mobilenet_family_ckpt"))
+    store = FamilyCheckpoints(tmp_path_factory.mktemp("mobilenet_family_ckpt"))
     yield store
     store.release()
 

@@ -8,18 +8,18 @@ family's seeded weights depend only on (seed, variable name, shape), so the conf
 from __future__ import annotations
 
 import copy
-import gc
-from pathlib import Path
 
 import pytest
 import torch
 
-from slimtune.checkpoint import write_tf_checkpoint
 from slimtune.errors import ConfigError
 from slimtune.nets import create_model, get_model_spec
-from slimtune.testing import assert_matches_golden, load_golden, seeded_slim_weights
+from slimtune.testing import assert_matches_golden
 
-GOLDEN_DIR = Path(__file__).parent / "golden"
+from parity_support import FamilyCheckpoints
+from parity_support import golden as _golden
+from parity_support import nchw as _nchw
+from parity_support import net_kwargs as _net_kwargs
 
 # Configs sharing one checkpoint: the first config of each family holds every variable of the rest.
 FAMILIES = {
@@ -43,49 +43,12 @@ def _param(config: str):
     return pytest.param(config, marks=marks, id=config)
 
 
-def _golden(config: str):
-    return load_golden(GOLDEN_DIR / f"{config}.npz")
 
-
-def _net_kwargs(golden) -> dict:
-    return {k: v for k, v in golden.model_kwargs.items() if k != "num_classes"}
-
-
-def _nchw(golden) -> torch.Tensor:
-    return torch.from_numpy(golden.inputs).permute(0, 3, 1, 2).contiguous()
-
-
-class _FamilyCheckpoints:
-    """One TF checkpoint per family, kept only while that family's tests run (they are large)."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self.family = None
-        self.path = None
-        self.variables: dict[str, tuple[int, ...]] = {}
-
-    def get(self, family: str) -> tuple[Path, dict[str, tuple[int, ...]]]:
-        if family != self.family:
-            self.release()
-            golden = _golden(family)
-            weights = seeded_slim_weights(golden.variables, golden.seed)
-            self.path = write_tf_checkpoint(self.directory / f"{family}.ckpt", weights)
-            self.variables = {name: tuple(value.shape) for name, value in weights.items()}
-            self.family = family
-            del weights
-            gc.collect()
-        return self.path, self.variables
-
-    def release(self) -> None:
-        if self.path is not None:
-            for file in self.directory.glob(f"{self.family}.ckpt*"):
-                file.unlink()
-        self.family = self.path = None
 
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    store = _FamilyCheckpoints(tmp_path_factory.mktemp("vgg_family_ckpt"))
+    store = FamilyCheckpoints(tmp_path_factory.mktemp("vgg_family_ckpt"))
     yield store
     store.release()
 

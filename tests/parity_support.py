@@ -1,0 +1,62 @@
+"""Shared pieces of the TF-Slim parity tests: goldens, inputs, and one checkpoint per net family."""
+
+from __future__ import annotations
+
+import gc
+from pathlib import Path
+
+import torch
+
+from slimtune.checkpoint import write_tf_checkpoint
+from slimtune.testing import Golden, load_golden, seeded_slim_weights
+
+GOLDEN_DIR = Path(__file__).parent / "golden"
+
+
+def golden(config: str) -> Golden:
+    """The golden of a config (tests/golden/<config>.npz)."""
+    return load_golden(GOLDEN_DIR / f"{config}.npz")
+
+
+def net_kwargs(reference: Golden) -> dict:
+    """The slim net's keyword arguments, minus num_classes (given separately)."""
+    return {k: v for k, v in reference.model_kwargs.items() if k != "num_classes"}
+
+
+def nchw(reference: Golden) -> torch.Tensor:
+    """The golden's NHWC inputs as a contiguous NCHW tensor."""
+    return torch.from_numpy(reference.inputs).permute(0, 3, 1, 2).contiguous()
+
+
+class FamilyCheckpoints:
+    """One TF checkpoint per net family, kept only while that family's tests run (they are large).
+
+    Seeded weights depend only on (seed, name, shape), so every config of a family with the same
+    variables can load the family's checkpoint.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.family = None
+        self.path = None
+        self.variables: dict[str, tuple[int, ...]] = {}
+
+    def get(self, family: str) -> tuple[Path, dict[str, tuple[int, ...]]]:
+        """The checkpoint path of `family`'s golden weights and their TF shapes."""
+        if family != self.family:
+            self.release()
+            reference = golden(family)
+            weights = seeded_slim_weights(reference.variables, reference.seed)
+            self.path = write_tf_checkpoint(self.directory / f"{family}.ckpt", weights)
+            self.variables = {name: tuple(value.shape) for name, value in weights.items()}
+            self.family = family
+            del weights
+            gc.collect()
+        return self.path, self.variables
+
+    def release(self) -> None:
+        """Delete the current family's checkpoint files."""
+        if self.path is not None:
+            for file in self.directory.glob(f"{self.family}.ckpt*"):
+                file.unlink()
+        self.family = self.path = None
