@@ -109,7 +109,7 @@ def build_model(spec: ModelSpec, num_classes: int, config: TrainConfig) -> nn.Mo
 
 
 def _warm_start(model: nn.Module, config: TrainConfig, runtime: Runtime) -> Any:
-    """Restore --checkpoint_path with the exclusions, name maps and policies asked for."""
+    """Restore --checkpoint_path with the exclusions, name maps and policies asked for; print the plan."""
     from ..checkpoint.restore import restore
 
     plan = restore(model, config.checkpoint_path, exclude_scopes=config.checkpoint_exclude_scopes or (),
@@ -181,8 +181,9 @@ def _train(config: TrainConfig, runtime: Runtime) -> TrainResult:
     split = resolve_split(config.dataset_name, config.dataset_dir, config.dataset_split_name)
     source = build_source(config.dataset_name, config.dataset_dir, split)
     multi_label = source.multi_label if config.multi_label is None else config.multi_label
-    if multi_label and not source.multi_label:
-        raise ConfigError("--multi_label needs multi-label targets (VOC, a multi-label manifest or converted data)")
+    if multi_label != source.multi_label:
+        raise ConfigError("--multi_label needs multi-label targets (VOC, a multi-label manifest or converted data)"
+                          if multi_label else "this dataset has multi-label targets: drop --multi_label false")
     num_classes = _num_classes(config, source)
     latest = ckpt.latest_checkpoint(train_dir)
     if latest is not None:
@@ -190,14 +191,13 @@ def _train(config: TrainConfig, runtime: Runtime) -> TrainResult:
     model = build_model(spec, num_classes, config)
 
     # Restore: a checkpoint in train_dir wins (resume everything); else warm-start.
-    plan = None
     if latest is not None:
         if config.checkpoint_path:
             _say(f"Ignoring --checkpoint_path because a checkpoint already exists in {train_dir} "
                  f"(step {latest.step}); resuming from it", runtime)
         ckpt.load_weights_into(model, latest.weights)
     elif config.checkpoint_path:
-        plan = _warm_start(model, config, runtime)
+        _warm_start(model, config, runtime)
     trainable = _trainable_names(model, config)
     trainable_count = apply_trainable_scopes(model, trainable, config.freeze_batch_norm)
     total_count = sum(p.numel() for p in model.parameters())
