@@ -272,3 +272,10 @@ def test_resizing_a_decoded_hwc_image_equals_resizing_a_contiguous_one():
     gray = view[:1].expand(3, -1, -1)                                   # a broadcast 1-channel image
     assert torch.equal(ops.resize_bilinear_tf1_window(gray, 30, 30),
                        ops.resize_bilinear_tf1_window(gray.contiguous(), 30, 30))
+
+
+def test_labels_offset_shifts_labels_like_slim():
+    # slim's ImageNet records use 1..1000 with 0 = background; --labels_offset 1 trains a 1000-class net.
+    source = ArraySource(np.zeros((4, 8, 8, 3), np.uint8), np.array([1, 2, 3, 1]), class_names=["background", "a", "b", "c"])
+    batch = next(iter(_loader(source, labels_offset=1, channels=3)))
+    assert batch.targets.tolist() == [0, 1, 2, 0]
