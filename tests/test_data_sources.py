@@ -276,6 +276,7 @@ def test_resizing_a_decoded_hwc_image_equals_resizing_a_contiguous_one():
 
 def test_labels_offset_shifts_labels_like_slim():
     # slim's ImageNet records use 1..1000 with 0 = background; --labels_offset 1 trains a 1000-class net.
-    source = ArraySource(np.zeros((4, 8, 8, 3), np.uint8), np.array([1, 2, 3, 1]), class_names=["background", "a", "b", "c"])
+    source = ArraySource(np.zeros((4, 8, 8, 3), np.uint8), np.array([1, 2, 3, 1]),
+                         class_names=["background", "a", "b", "c"])
     batch = next(iter(_loader(source, labels_offset=1, channels=3)))
     assert batch.targets.tolist() == [0, 1, 2, 0]
