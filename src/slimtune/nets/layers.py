@@ -50,6 +50,31 @@ def _same_pads(x: Tensor, kernel: tuple[int, int], stride: tuple[int, int],
     return left, right, top, bottom
 
 
+def _torch_pool_output_size(size: int, kernel: int, stride: int, padding: int, ceil_mode: bool) -> int:
+    """Output length of torch's pooling (its ceil_mode drops a last window that starts in the padding)."""
+    span = size + 2 * padding - kernel
+    count = (-(-span // stride) if ceil_mode else span // stride) + 1
+    if ceil_mode and (count - 1) * stride >= size + padding:
+        count -= 1
+    return count
+
+
+def _torch_pool_windows(size: int, kernel: int, stride: int, before: int) -> Optional[tuple[int, bool]]:
+    """(padding, ceil_mode) under which torch's pooling windows are TF's 'SAME' windows, or None.
+
+    TF's windows start at -before + i * stride for i < ceil(size / stride); torch's start at
+    -padding + i * stride, so padding = before and only the window count remains to match. Padded
+    positions never count in a max (or a count_include_pad=False average), wherever a window ends.
+    """
+    if 2 * before > kernel:
+        return None
+    wanted = -(-size // stride)
+    for ceil_mode in (False, True):
+        if _torch_pool_output_size(size, kernel, stride, before, ceil_mode) == wanted:
+            return before, ceil_mode
+    return None
+
+
 class BatchNorm(nn.Module):
     """slim.batch_norm: `scale` adds gamma (slim's default is no gamma), `center` adds beta.
 
@@ -151,10 +176,34 @@ class Conv2d(nn.Module):
             return x, (pads[2], pads[0])
         return F.pad(x, pads), (0, 0)
 
+    def _covers_whole_input(self, x: Tensor) -> bool:
+        """True when one unpadded window sees the whole input, so the conv is a matrix product."""
+        return (self.groups == 1 and self._static_padding == (0, 0) and self.rate == (1, 1)
+                and x.shape[-2] == self.kernel_size[0] and x.shape[-1] == self.kernel_size[1])
+
+    def _conv_as_linear(self, x: Tensor, kernel: Tensor) -> Tensor:
+        """The conv of a kernel-sized input as F.linear: [N, out, 1, 1].
+
+        slim's conv-as-FC layers (VGG's 7x7 fc6 on a 7x7 map, every 1x1 conv on a pooled 1x1 map)
+        run several times faster as one GEMM than through oneDNN's convolution, which also
+        reorders a weight as big as fc6's (400 MB) on every call. The kernel is flattened in its
+        own memory order (a free view), and the input in the same (h, w, c) or (c, h, w) order.
+        """
+        if kernel.is_contiguous() or not kernel.is_contiguous(memory_format=torch.channels_last):
+            flat_kernel, flat_x = kernel.reshape(kernel.shape[0], -1), x.reshape(x.shape[0], -1)
+        else:
+            flat_kernel = kernel.permute(0, 2, 3, 1).reshape(kernel.shape[0], -1)
+            flat_x = x.permute(0, 2, 3, 1).reshape(x.shape[0], -1)
+        return F.linear(flat_x, flat_kernel, self.bias)[:, :, None, None]
+
     def forward(self, x: Tensor) -> Tensor:
         """Convolve (with TF padding), normalize, activate."""
-        x, padding = self._pad(x)
-        x = F.conv2d(x, getattr(self, self.kernel_name), self.bias, self.stride, padding, self.rate, self.groups)
+        kernel = getattr(self, self.kernel_name)
+        if self._covers_whole_input(x):
+            x = self._conv_as_linear(x, kernel)
+        else:
+            x, padding = self._pad(x)
+            x = F.conv2d(x, kernel, self.bias, self.stride, padding, self.rate, self.groups)
         if self.BatchNorm is not None:
             x = self.BatchNorm(x)
         if self.activation is not None:
@@ -215,10 +264,15 @@ class MaxPool2d(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Max-pool."""
-        if self.padding == "SAME":
-            pads = _same_pads(x, self.kernel_size, self.stride, (1, 1))
-            if any(pads):
-                x = F.pad(x, pads, value=float("-inf"))
+        if self.padding != "SAME":
+            return F.max_pool2d(x, self.kernel_size, self.stride)
+        left, right, top, bottom = _same_pads(x, self.kernel_size, self.stride, (1, 1))
+        rows = _torch_pool_windows(x.shape[-2], self.kernel_size[0], self.stride[0], top)
+        cols = _torch_pool_windows(x.shape[-1], self.kernel_size[1], self.stride[1], left)
+        if rows is not None and cols is not None and rows[1] == cols[1]:
+            # Torch's own -inf padding and ceil_mode give TF's windows: no padded copy of the input.
+            return F.max_pool2d(x, self.kernel_size, self.stride, (rows[0], cols[0]), ceil_mode=rows[1])
+        x = F.pad(x, (left, right, top, bottom), value=float("-inf"))
         return F.max_pool2d(x, self.kernel_size, self.stride)
 
 
