@@ -14,6 +14,7 @@ from typing import Callable, Optional, Sequence
 
 from .config import EvalConfig, TrainConfig, add_dataclass_arguments, build_config
 from .errors import SlimtuneError
+from .malloc import reuse_freed_memory
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -220,6 +221,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return 2
+    reuse_freed_memory()
     try:
         return int(args.func(args) or 0)
     except SlimtuneError as error:
