@@ -57,3 +57,53 @@ def test_same_conv_on_a_kernel_sized_input_keeps_its_spatial_size() -> None:
     want = F.conv2d(x, layer.weight, layer.bias, padding=1)
     assert got.shape == (1, 5, 3, 3)
     torch.testing.assert_close(got, want)
+
+
+def _with_random_batch_norm(layer: Conv2d, seed: int) -> Conv2d:
+    generator = torch.Generator().manual_seed(seed)
+    norm = layer.BatchNorm
+    channels = norm.num_features
+    with torch.no_grad():
+        norm.running_mean.copy_(torch.randn(channels, generator=generator))
+        norm.running_var.copy_(torch.rand(channels, generator=generator) * 2 + 0.1)
+        if norm.weight is not None:
+            norm.weight.copy_(torch.randn(channels, generator=generator))
+        norm.bias.copy_(torch.randn(channels, generator=generator))
+    return layer
+
+
+@pytest.mark.parametrize("scale", [False, True])
+@pytest.mark.parametrize("depthwise", [False, True])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_inference_folds_batch_norm_into_the_kernel_without_changing_the_output(
+        scale: bool, depthwise: bool, channels_last: bool) -> None:
+    from slimtune.nets.layers import DepthwiseConv2d, batch_norm_factory
+
+    norm = batch_norm_factory(scale=scale)
+    layer = (DepthwiseConv2d(8, 3, stride=2, normalizer=norm) if depthwise
+             else Conv2d(8, 6, 3, stride=2, normalizer=norm))
+    layer = _with_random_batch_norm(layer, seed=int(scale) + 2 * int(depthwise)).eval()
+    x = torch.randn(3, 8, 10, 9)
+    if channels_last:
+        layer = layer.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    separate = layer(x)  # autograd on: BN runs as its own op
+    with torch.no_grad():
+        assert layer._folds_batch_norm()
+        folded = layer(x)
+    torch.testing.assert_close(folded, separate, rtol=1e-5, atol=1e-5)
+
+
+def test_training_batch_norm_is_never_folded_and_keeps_updating_its_statistics() -> None:
+    from slimtune.nets.layers import batch_norm_factory
+
+    layer = _with_random_batch_norm(Conv2d(4, 5, 3, normalizer=batch_norm_factory()), seed=7).train()
+    before = layer.BatchNorm.running_mean.clone()
+    with torch.no_grad():
+        assert not layer._folds_batch_norm()
+        out = layer(torch.randn(6, 4, 8, 8))
+    assert not torch.equal(layer.BatchNorm.running_mean, before)
+    assert out.shape == (6, 5, 8, 8)
+    layer.BatchNorm.frozen = True  # a frozen BN (--trainable_scopes, --freeze_batch_norm) uses moving stats
+    with torch.no_grad():
+        assert layer._folds_batch_norm()

@@ -181,7 +181,7 @@ class Conv2d(nn.Module):
         return (self.groups == 1 and self._static_padding == (0, 0) and self.rate == (1, 1)
                 and x.shape[-2] == self.kernel_size[0] and x.shape[-1] == self.kernel_size[1])
 
-    def _conv_as_linear(self, x: Tensor, kernel: Tensor) -> Tensor:
+    def _conv_as_linear(self, x: Tensor, kernel: Tensor, bias: Optional[Tensor]) -> Tensor:
         """The conv of a kernel-sized input as F.linear: [N, out, 1, 1].
 
         slim's conv-as-FC layers (VGG's 7x7 fc6 on a 7x7 map, every 1x1 conv on a pooled 1x1 map)
@@ -194,17 +194,41 @@ class Conv2d(nn.Module):
         else:
             flat_kernel = kernel.permute(0, 2, 3, 1).reshape(kernel.shape[0], -1)
             flat_x = x.permute(0, 2, 3, 1).reshape(x.shape[0], -1)
-        return F.linear(flat_x, flat_kernel, self.bias)[:, :, None, None]
+        return F.linear(flat_x, flat_kernel, bias)[:, :, None, None]
+
+    def _folds_batch_norm(self) -> bool:
+        """True when BN is a fixed affine map that can go into the kernel: moving statistics, no autograd.
+
+        Inference only: training keeps slim's separate BN (its gradients and statistics updates).
+        """
+        norm = self.BatchNorm
+        return (isinstance(norm, BatchNorm) and not torch.is_grad_enabled()
+                and not (norm.training and not norm.frozen))
+
+    def _folded(self, kernel: Tensor, bias: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
+        """The kernel (output channels first) and bias to convolve with: BN folded in when it can be."""
+        if not self._folds_batch_norm():
+            return kernel, bias
+        norm = self.BatchNorm
+        scale = torch.rsqrt(norm.running_var + norm.eps)
+        if norm.weight is not None:
+            scale = scale * norm.weight
+        shift = -norm.running_mean * scale
+        if bias is not None:
+            shift = shift + bias * scale
+        if norm.bias is not None:
+            shift = shift + norm.bias
+        return kernel * scale.view(-1, 1, 1, 1), shift
 
     def forward(self, x: Tensor) -> Tensor:
         """Convolve (with TF padding), normalize, activate."""
-        kernel = getattr(self, self.kernel_name)
+        kernel, bias = self._folded(getattr(self, self.kernel_name), self.bias)
         if self._covers_whole_input(x):
-            x = self._conv_as_linear(x, kernel)
+            x = self._conv_as_linear(x, kernel, bias)
         else:
             x, padding = self._pad(x)
-            x = F.conv2d(x, kernel, self.bias, self.stride, padding, self.rate, self.groups)
-        if self.BatchNorm is not None:
+            x = F.conv2d(x, kernel, bias, self.stride, padding, self.rate, self.groups)
+        if self.BatchNorm is not None and not self._folds_batch_norm():
             x = self.BatchNorm(x)
         if self.activation is not None:
             x = self.activation(x)

@@ -138,8 +138,9 @@ class SeparableConv2d(Conv2d):
         """Depthwise (TF padding, stride, rate), pointwise 1x1, normalize, activate."""
         x, padding = self._pad(x)
         x = F.conv2d(x, self.depthwise_weight, None, self.stride, padding, self.rate, self.groups)
-        x = F.conv2d(x, self.pointwise_weight, self.bias)
-        if self.BatchNorm is not None:
+        pointwise, bias = self._folded(self.pointwise_weight, self.bias)
+        x = F.conv2d(x, pointwise, bias)
+        if self.BatchNorm is not None and not self._folds_batch_norm():
             x = self.BatchNorm(x)
         if self.activation is not None:
             x = self.activation(x)
