@@ -1,0 +1,378 @@
+"""Network speed on this CPU: slimtune vs the TF-Slim reference, forward and training step.
+
+    .venv/bin/python benchmarks/bench_nets_cpu.py --tf_python /work/tfenv/bin/python
+        [--nets resnet_v1_50,mobilenet_v1,vgg_16] [--batch_size 16] [--vgg_batch_size 8]
+        [--threads N] [--rounds 1] [--max_load 1.5] [--max_wait_min 40]
+
+For each net, at the same batch size and a 224x224 input, four measurements run one after another,
+each in its own subprocess (so the frameworks never share a thread pool):
+  slimtune forward   eval mode, torch.no_grad, channels-last (slimtune's training default)
+  slimtune train     train mode: forward, softmax cross-entropy, backward, momentum SGD with weight
+                     decay on the kernels -- the optimizer, param groups and loss slimtune's trainer
+                     builds (build_optimizer('momentum', decay_groups(...)), softmax_loss)
+  TF-Slim forward    graph mode, nets_factory's network fn in its arg scope, is_training=False
+  TF-Slim train      is_training=True, softmax_cross_entropy + the arg scope's L2 regularization
+                     losses, UPDATE_OPS as control dependencies, MomentumOptimizer (as slim's
+                     train_image_classifier.py does)
+Inputs are constants already in memory (a torch tensor; a non-trainable TF variable), so neither
+side times an input pipeline. Both get the same thread count (torch.set_num_threads; TF's
+intra_op_parallelism_threads, inter_op_parallelism_threads=1 unless --tf_inter_op says otherwise)
+and the same allocator setting: glibc told to reuse freed blocks, as the slimtune CLI does
+(slimtune/malloc.py; TF gains from it too), or left as it is for both with --system_malloc.
+Each worker runs warm-up steps, then timed steps (at least --min_steps and --min_seconds); the
+reported figure is batch / median step time. With --rounds > 1 the whole set repeats and the
+median over rounds is reported. The markdown table (machine, load average, versions) is printed
+and written to --out.
+
+Before measuring, the script waits (checking every 2 minutes, up to --max_wait_min) for the
+1-minute load average to drop below --max_load, then measures anyway, recording the load.
+
+This file must import without torch: the TF-Slim worker runs it under the TensorFlow venv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+DEFAULT_NETS = ("resnet_v1_50", "mobilenet_v1", "vgg_16")
+TARGET_TRAIN_RATIO = 1.25
+WEIGHT_DECAY = 4e-5        # train_image_classifier.py's --weight_decay default
+LEARNING_RATE = 0.01
+MOMENTUM = 0.9
+
+
+# ------------------------------------------------------------------------------------------------
+# Timing shared by both workers.
+
+def time_steps(step: Any, warmup: int, min_steps: int, min_seconds: float) -> list[float]:
+    """Run `step` warm-up times, then time it at least min_steps times and min_seconds in total."""
+    for _ in range(warmup):
+        step()
+    times: list[float] = []
+    started = time.perf_counter()
+    while len(times) < min_steps or time.perf_counter() - started < min_seconds:
+        begin = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - begin)
+    return times
+
+
+def summarize(times: list[float], batch: int, extra: dict[str, Any]) -> dict[str, Any]:
+    """Median images/s plus the spread, as one JSON-able record."""
+    median = statistics.median(times)
+    return {"images_per_sec": batch / median, "median_step_s": median, "min_step_s": min(times),
+            "max_step_s": max(times), "steps": len(times), **extra}
+
+
+# ------------------------------------------------------------------------------------------------
+# slimtune worker (the project venv).
+
+def torch_worker(args: argparse.Namespace) -> dict[str, Any]:
+    """Build the slimtune net and time its forward or training step."""
+    import torch
+
+    from slimtune.malloc import reuse_freed_memory
+    from slimtune.nets.registry import create_model, get_model_spec
+    from slimtune.train.freeze import decay_groups
+    from slimtune.train.losses import softmax_loss
+    from slimtune.train.optimizers import build_optimizer
+
+    # What the slimtune CLI does in every process (see slimtune/malloc.py); --system_malloc skips it.
+    allocator_tuned = not args.system_malloc and reuse_freed_memory()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    if args.no_mkldnn:
+        torch.backends.mkldnn.enabled = False
+    spec = get_model_spec(args.net)
+    num_classes = spec.checkpoint_num_classes
+    model = create_model(args.net, num_classes=num_classes)
+    memory_format = torch.channels_last if args.memory_format == "channels_last" else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
+    images = torch.randn(args.batch, 3, args.image_size, args.image_size).contiguous(memory_format=memory_format)
+    labels = torch.randint(0, num_classes, (args.batch,))
+    runner = torch.compile(model) if args.compile else model
+
+    if args.mode == "forward":
+        model.eval()
+
+        def step() -> None:
+            with torch.no_grad():
+                runner(images)
+    else:
+        model.train()
+        optimizer = build_optimizer("momentum", decay_groups(model, WEIGHT_DECAY), LEARNING_RATE,
+                                    momentum=MOMENTUM)
+
+        def step() -> None:
+            loss = softmax_loss(runner(images), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+    times = time_steps(step, args.warmup, args.min_steps, args.min_seconds)
+    return summarize(times, args.batch, {"framework": "slimtune", "torch": torch.__version__,
+                                         "memory_format": args.memory_format, "compile": args.compile,
+                                         "mkldnn": torch.backends.mkldnn.enabled,
+                                         "malloc_reuse": allocator_tuned,
+                                         "threads": torch.get_num_threads()})
+
+
+# ------------------------------------------------------------------------------------------------
+# TF-Slim worker (the TensorFlow venv).
+
+def tf_worker(args: argparse.Namespace) -> dict[str, Any]:
+    """Build research/slim's net in graph mode and time its forward or training step."""
+    sys.path.insert(0, str(REPO / "tools" / "tf_reference"))
+    from slim_env import load_slim
+
+    sys.path.insert(0, str(REPO / "src"))
+    from slimtune.malloc import reuse_freed_memory  # torch-free; both sides get the same allocator
+
+    allocator_tuned = not args.system_malloc and reuse_freed_memory()
+    env = load_slim(args.slim_src)
+    tf = env.tf
+    # slim's factory defaults (and the published checkpoints): 1001 classes for MobileNet, 1000 else.
+    num_classes = 1001 if args.net.startswith("mobilenet") else 1000
+    is_training = args.mode == "train"
+    graph = tf.Graph()
+    with graph.as_default():
+        tf.set_random_seed(0)
+        # Constant input already in memory: a non-trainable variable, so no feed or copy per step
+        # and nothing the graph optimizer could constant-fold.
+        images = tf.Variable(tf.random.normal([args.batch, args.image_size, args.image_size, 3]),
+                             trainable=False, name="bench_images")
+        labels = tf.Variable(tf.random.uniform([args.batch], 0, num_classes, dtype=tf.int32),
+                             trainable=False, name="bench_labels")
+        network_fn = env.nets_factory.get_network_fn(args.net, num_classes=num_classes,
+                                                     weight_decay=WEIGHT_DECAY, is_training=is_training)
+        logits, _ = network_fn(images)
+        if is_training:
+            tf.losses.softmax_cross_entropy(tf.one_hot(labels, num_classes), logits)
+            total_loss = tf.losses.get_total_loss(add_regularization_losses=True)
+            optimizer = tf.train.MomentumOptimizer(LEARNING_RATE, MOMENTUM)
+            with tf.control_dependencies(tf.get_collection(tf.GraphKeys.UPDATE_OPS)):
+                target = optimizer.minimize(total_loss)
+        else:
+            target = logits
+        init = tf.global_variables_initializer()
+    config = tf.ConfigProto(intra_op_parallelism_threads=args.threads,
+                            inter_op_parallelism_threads=args.tf_inter_op)
+    with tf.Session(graph=graph, config=config) as sess:
+        sess.run(init)
+        times = time_steps(lambda: sess.run(target), args.warmup, args.min_steps, args.min_seconds)
+    return summarize(times, args.batch, {"framework": "tf-slim", **env.versions,
+                                         "onednn_opts": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "default (on)"),
+                                         "threads": args.threads, "inter_op": args.tf_inter_op,
+                                         "malloc_reuse": allocator_tuned})
+
+
+# ------------------------------------------------------------------------------------------------
+# Driver.
+
+def load_average() -> float:
+    """The 1-minute load average."""
+    return os.getloadavg()[0]
+
+
+def wait_for_quiet(max_load: float, max_wait_min: float) -> tuple[float, float]:
+    """Sleep in 2-minute steps until the load drops below max_load or max_wait_min passes.
+
+    Returns (load when measuring starts, minutes waited)."""
+    started = time.time()
+    load = load_average()
+    while load > max_load and (time.time() - started) / 60 < max_wait_min:
+        print(f"load average {load:.2f} > {max_load}: waiting 2 min "
+              f"({(time.time() - started) / 60:.0f}/{max_wait_min:.0f} min waited)", flush=True)
+        time.sleep(120)
+        load = load_average()
+    return load, (time.time() - started) / 60
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (platform.processor() is often empty on Linux)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def run_worker(python: str, framework: str, net: str, mode: str, batch: int, args: argparse.Namespace) -> dict:
+    """Run one measurement in a fresh interpreter and parse its JSON line."""
+    command = [python, str(Path(__file__).resolve()), "--worker", framework, "--net", net, "--mode", mode,
+               "--batch", str(batch), "--image_size", str(args.image_size), "--threads", str(args.threads),
+               "--warmup", str(args.warmup), "--min_steps", str(args.min_steps),
+               "--min_seconds", str(args.min_seconds), "--slim_src", args.slim_src,
+               "--tf_inter_op", str(args.tf_inter_op), "--memory_format", args.memory_format]
+    if args.compile:
+        command.append("--compile")
+    if args.no_mkldnn:
+        command.append("--no_mkldnn")
+    if args.system_malloc:
+        command.append("--system_malloc")
+    environment = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TF_CPP_MIN_LOG_LEVEL="2")
+    completed = subprocess.run(command, capture_output=True, text=True, env=environment, cwd=REPO)
+    lines = [line for line in completed.stdout.splitlines() if line.startswith("{")]
+    if completed.returncode != 0 or not lines:
+        raise RuntimeError(f"{framework} {net} {mode} failed (exit {completed.returncode}):\n"
+                           f"{completed.stderr[-3000:]}")
+    return json.loads(lines[-1])
+
+
+def ratio(numerator: Optional[float], denominator: Optional[float]) -> Optional[float]:
+    """numerator / denominator, or None when either is missing."""
+    if numerator is None or not denominator:
+        return None
+    return numerator / denominator
+
+
+def fmt(value: Optional[float], digits: int = 1, suffix: str = "") -> str:
+    """A number for the table, or a dash."""
+    return "-" if value is None else f"{value:.{digits}f}{suffix}"
+
+
+def render(results: dict, args: argparse.Namespace, machine: dict[str, Any]) -> str:
+    """The markdown report: machine line, settings, the table, and the per-step spread."""
+    lines = ["# Network speed on CPU: slimtune vs TF-Slim", "",
+             f"- date: {machine['date']}",
+             f"- CPU: {machine['cpu']}, {machine['cores']} logical cores; threads per framework: {args.threads}",
+             f"- load average (1 min) at start / end: {machine['load_start']:.2f} / {machine['load_end']:.2f}"
+             f" (waited {machine['waited_min']:.0f} min for < {args.max_load})",
+             f"- slimtune: torch {machine.get('torch', '?')}, {args.memory_format}"
+             f"{', torch.compile' if args.compile else ''}{', mkldnn off' if args.no_mkldnn else ''}"
+             f"{', glibc malloc as is' if args.system_malloc else ', freed memory reused (slimtune.malloc)'}; "
+             f"Python {platform.python_version()}",
+             f"- TF-Slim: tensorflow {machine.get('tensorflow', '?')}, tf_slim {machine.get('tf_slim', '?')}, "
+             f"research/slim {machine.get('slim_src_revision', '?')}, inter_op threads {args.tf_inter_op}, "
+             f"TF_ENABLE_ONEDNN_OPTS {machine.get('onednn_opts', '?')}",
+             f"- input {args.image_size}x{args.image_size}x3 float32, constant in memory; train step = forward + "
+             f"softmax CE + backward + momentum {MOMENTUM} SGD, weight decay {WEIGHT_DECAY} on kernels",
+             f"- {args.warmup} warm-up steps, then >= {args.min_steps} steps and >= {args.min_seconds:.0f} s; "
+             f"median step; {args.rounds} round(s)", "",
+             "| net | batch | slimtune fwd img/s | TF-Slim fwd img/s | fwd ratio | slimtune train img/s "
+             "| TF-Slim train img/s | train ratio | train >= 1.25x? |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|:---:|"]
+    for net, entry in results.items():
+        fwd = ratio(entry.get("slimtune/forward"), entry.get("tf-slim/forward"))
+        train = ratio(entry.get("slimtune/train"), entry.get("tf-slim/train"))
+        verdict = "-" if train is None else ("yes" if train >= TARGET_TRAIN_RATIO else "no")
+        lines.append(f"| {net} | {entry['batch']} | {fmt(entry.get('slimtune/forward'))} | "
+                     f"{fmt(entry.get('tf-slim/forward'))} | {fmt(fwd, 2, 'x')} | {fmt(entry.get('slimtune/train'))} | "
+                     f"{fmt(entry.get('tf-slim/train'))} | {fmt(train, 2, 'x')} | {verdict} |")
+    lines += ["", "Step times (s), median [min, max] over rounds' timed steps:", ""]
+    for net, entry in results.items():
+        for key, record in entry["records"].items():
+            lines.append(f"- {net} {key}: {record['median_step_s']:.3f} [{record['min_step_s']:.3f}, "
+                         f"{record['max_step_s']:.3f}] over {record['steps']} steps")
+    return "\n".join(lines) + "\n"
+
+
+def drive(args: argparse.Namespace) -> None:
+    """Wait for a quiet machine, run every worker, print and write the table."""
+    nets = [name.strip() for name in args.nets.split(",") if name.strip()]
+    frameworks = [name.strip() for name in args.frameworks.split(",")]
+    modes = [name.strip() for name in args.modes.split(",")]
+    if "tf-slim" in frameworks and not args.tf_python:
+        raise SystemExit("--tf_python is required to measure TF-Slim (or pass --frameworks slimtune)")
+    load_start, waited = wait_for_quiet(args.max_load, args.max_wait_min)
+    machine: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M"), "cpu": cpu_model(),
+                               "cores": os.cpu_count(), "load_start": load_start, "waited_min": waited}
+    results: dict[str, dict] = {}
+    for net in nets:
+        batch = args.vgg_batch_size if net.startswith("vgg") else args.batch_size
+        per_key: dict[str, list[dict]] = {}
+        for _ in range(args.rounds):
+            for mode in modes:
+                for framework in frameworks:
+                    python = sys.executable if framework == "slimtune" else args.tf_python
+                    record = run_worker(python, framework, net, mode, batch, args)
+                    per_key.setdefault(f"{framework}/{mode}", []).append(record)
+                    for field in ("torch", "tensorflow", "tf_slim", "slim_src_revision", "onednn_opts"):
+                        if field in record:
+                            machine[field] = record[field]
+                    print(f"{net:14s} {framework:8s} {mode:7s} {record['images_per_sec']:8.2f} img/s "
+                          f"(median step {record['median_step_s']:.3f} s, {record['steps']} steps, "
+                          f"load {load_average():.2f})", flush=True)
+        entry: dict[str, Any] = {"batch": batch, "records": {}}
+        for key, records in per_key.items():
+            entry[key] = statistics.median(r["images_per_sec"] for r in records)
+            steps = [r["median_step_s"] for r in records]
+            entry["records"][key] = {"median_step_s": statistics.median(steps),
+                                     "min_step_s": min(r["min_step_s"] for r in records),
+                                     "max_step_s": max(r["max_step_s"] for r in records),
+                                     "steps": sum(r["steps"] for r in records)}
+        results[net] = entry
+    machine["load_end"] = load_average()
+    report = render(results, args, machine)
+    print()
+    print(report)
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(report)
+        print(f"written to {out}")
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps({"machine": machine, "results": results}, indent=2))
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    """Driver flags, plus the --worker flags the driver passes to its subprocesses."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tf_python", default=None, help="python of the TensorFlow venv")
+    parser.add_argument("--slim_src", default="/work/slim_src", help="research/slim checkout")
+    parser.add_argument("--nets", default=",".join(DEFAULT_NETS))
+    parser.add_argument("--frameworks", default="slimtune,tf-slim", help="comma list of slimtune, tf-slim")
+    parser.add_argument("--modes", default="forward,train", help="comma list of forward, train")
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--vgg_batch_size", type=int, default=8)
+    parser.add_argument("--image_size", type=int, default=224)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--tf_inter_op", type=int, default=1, help="TF inter_op_parallelism_threads")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--min_steps", type=int, default=8)
+    parser.add_argument("--min_seconds", type=float, default=20.0)
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--memory_format", choices=("channels_last", "nchw"), default="channels_last",
+                        help="slimtune's memory format (its trainer's default is channels_last)")
+    parser.add_argument("--compile", action="store_true", help="run slimtune under torch.compile")
+    parser.add_argument("--no_mkldnn", action="store_true", help="torch.backends.mkldnn.enabled = False")
+    parser.add_argument("--system_malloc", action="store_true",
+                        help="leave glibc's malloc as it is (the CLI's SLIMTUNE_MALLOC=system)")
+    parser.add_argument("--max_load", type=float, default=1.5)
+    parser.add_argument("--max_wait_min", type=float, default=40.0)
+    parser.add_argument("--out", default=str(HERE / "results" / "nets_cpu.md"),
+                        help="markdown output ('' to skip)")
+    parser.add_argument("--json_out", default="", help="also write the raw results as JSON here")
+    # Worker-only flags.
+    parser.add_argument("--worker", choices=("slimtune", "tf-slim"), help=argparse.SUPPRESS)
+    parser.add_argument("--net", help=argparse.SUPPRESS)
+    parser.add_argument("--mode", choices=("forward", "train"), help=argparse.SUPPRESS)
+    parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main() -> None:
+    """Driver by default; a single measurement with --worker."""
+    args = parse_args()
+    if args.worker:
+        worker = torch_worker if args.worker == "slimtune" else tf_worker
+        print(json.dumps(worker(args)), flush=True)
+    else:
+        drive(args)
+
+
+if __name__ == "__main__":
+    main()
