@@ -17,7 +17,7 @@ from slimtune.data.decode import decode_image, open_image
 from slimtune.data.digits import load_digits_source
 from slimtune.data.folder import ImageFolderSource
 from slimtune.data.labels import labels_to_names, read_labels_file, write_labels_file
-from slimtune.data.loader import EpochSampler, build_loader, sample_seed, set_loader_epoch
+from slimtune.data.loader import EpochSampler, SharedBatchRing, build_loader, sample_seed, set_loader_epoch
 from slimtune.errors import DataError
 from slimtune.preprocessing import get_preprocessing
 
@@ -114,6 +114,44 @@ def test_training_batches_do_not_depend_on_worker_count(cats_vs_dogs):
     for (indices_a, images_a), (indices_b, images_b) in zip(alone, pooled):
         assert torch.equal(indices_a, indices_b)
         assert torch.equal(images_a, images_b)
+
+
+def test_worker_batches_through_the_shared_ring_equal_single_process_batches(cats_vs_dogs):
+    # Batches of 2 from 12 images: each of the 2 workers writes 3 batches an epoch, so over 3 epochs
+    # its 6 ring slots are all reused at least once.
+    source = ImageFolderSource(cats_vs_dogs)
+    preprocess = get_preprocessing("vgg", is_training=True)
+    single = build_loader(source, preprocess, (40, 40), batch_size=2, training=True, num_workers=0, seed=5)
+    pooled = build_loader(source, preprocess, (40, 40), batch_size=2, training=True, num_workers=2, seed=5)
+    assert isinstance(pooled.ring, SharedBatchRing)
+    for epoch in range(3):
+        set_loader_epoch(single, epoch)
+        set_loader_epoch(pooled, epoch)
+        expected, got = list(single), list(pooled)
+        assert len(got) == len(expected) == 6
+        for want, batch in zip(expected, got):
+            assert torch.equal(batch.indices, want.indices) and torch.equal(batch.targets, want.targets)
+            assert torch.equal(batch.images, want.images)
+    assert int(pooled.ring.generations.max()) > pooled.ring.slots  # the slots did go round
+
+
+def test_partial_last_batch_bypasses_the_ring_and_keeps_every_image(cats_vs_dogs):
+    source = ImageFolderSource(cats_vs_dogs)
+    preprocess = get_preprocessing("vgg", is_training=False)
+    single = list(build_loader(source, preprocess, (32, 32), batch_size=5, training=False))
+    pooled = list(build_loader(source, preprocess, (32, 32), batch_size=5, training=False, num_workers=2))
+    assert [len(b) for b in pooled] == [5, 5, 2]
+    for want, batch in zip(single, pooled):
+        assert torch.equal(batch.indices, want.indices) and torch.equal(batch.images, want.images)
+
+
+def test_ring_refuses_a_slot_rewritten_before_it_was_read():
+    ring = SharedBatchRing(num_workers=1, slots=3, image_shape=(3, 4, 4), batch_size=2)
+    ring.generations[0, 1] = 7
+    assert ring.take((0, 1, 7)).shape == (2, 3, 4, 4)
+    ring.generations[0, 1] = 10  # the worker came round to this slot again
+    with pytest.raises(RuntimeError, match="rewrote batch slot 1"):
+        ring.take((0, 1, 7))
 
 
 def test_resumed_epoch_continues_the_same_order():

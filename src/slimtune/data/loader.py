@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
 import random
 import zlib
 from dataclasses import dataclass, field
@@ -285,6 +286,91 @@ def collate(items: Sequence[dict]) -> Optional[Batch]:
                  torch.tensor([item["index"] for item in good], dtype=torch.int64), bad)
 
 
+def _free_bytes(path: str) -> int:
+    stats = os.statvfs(path)
+    return stats.f_bavail * stats.f_frsize
+
+
+class SharedBatchRing:
+    """Batch buffers in shared memory, made once before the workers start and reused batch after batch.
+
+    A worker normally stacks each batch into a new shared-memory file that both processes then
+    fault in page by page (some 12 ms more than a plain copy for a 32 x 3 x 224 x 224 float batch on
+    2 cores, 0.4-0.6 ms per image). Here worker w writes its batches round-robin into its own
+    `slots` buffers and sends only the slot number; the main process copies the batch out as it
+    arrives. The DataLoader keeps at most `prefetch_factor` batches of a worker in flight, so with
+    `slots` >= prefetch_factor + 2 a slot is never rewritten before its batch was copied; each slot
+    also carries a generation number, checked after the copy, so a violation raises, never passes.
+    """
+
+    def __init__(self, num_workers: int, slots: int, image_shape: tuple[int, ...], batch_size: int) -> None:
+        size = num_workers * slots * batch_size * math.prod(image_shape) * 4
+        if os.path.isdir("/dev/shm") and size * 2 > _free_bytes("/dev/shm"):
+            # Touching shared pages beyond a full /dev/shm kills the process with SIGBUS, not an error.
+            raise RuntimeError(f"/dev/shm has less than twice the {size} bytes of the batch ring free")
+        self.images = torch.empty((num_workers, slots, batch_size, *image_shape)).share_memory_()
+        self.generations = torch.zeros((num_workers, slots), dtype=torch.int64).share_memory_()
+        self.slots = slots
+        self._written = 0  # batches this process (a worker) has written
+
+    def put(self, tensors: list[torch.Tensor]) -> Optional[tuple[int, int, int]]:
+        """In a worker: stack into the next slot; (worker, slot, generation), or None if it does not fit."""
+        worker = get_worker_info()
+        if worker is None or worker.id >= self.images.shape[0] or len(tensors) != self.images.shape[2] \
+                or tuple(tensors[0].shape) != tuple(self.images.shape[3:]):
+            return None
+        slot = self._written % self.slots
+        self._written += 1
+        generation = self._written
+        self.generations[worker.id, slot] = -1  # being written: a reader copying it now must notice
+        torch.stack(tensors, out=self.images[worker.id, slot])
+        self.generations[worker.id, slot] = generation
+        return worker.id, slot, generation
+
+    def take(self, where: tuple[int, int, int]) -> torch.Tensor:
+        """In the main process: a private copy of the batch in slot `where`."""
+        worker, slot, generation = where
+        images = self.images[worker, slot].clone()
+        if int(self.generations[worker, slot]) != generation:
+            raise RuntimeError(f"data loader worker {worker} rewrote batch slot {slot} before it was read: "
+                               "more batches in flight than the ring has slots")
+        return images
+
+
+class _Collator:
+    """collate, with the images going through a SharedBatchRing when one is given."""
+
+    def __init__(self, ring: Optional[SharedBatchRing] = None) -> None:
+        self.ring = ring
+
+    def __call__(self, items: Sequence[dict]) -> Optional[Batch]:
+        if self.ring is None:
+            return collate(items)
+        good = [item for item in items if "bad" not in item]
+        where = self.ring.put([item["image"] for item in good]) if len(good) == len(items) else None
+        if where is None:
+            return collate(items)
+        batch = Batch(torch.empty(0), torch.stack([item["target"] for item in good]),
+                      torch.tensor([item["index"] for item in good], dtype=torch.int64))
+        batch.ring_slot = where
+        return batch
+
+
+class _RingLoader(DataLoader):
+    """A DataLoader whose workers hand their images over through a SharedBatchRing."""
+
+    def __init__(self, *args: Any, ring: SharedBatchRing, **kwargs: Any) -> None:
+        super().__init__(*args, collate_fn=_Collator(ring), **kwargs)
+        self.ring = ring
+
+    def __iter__(self) -> Iterator[Batch]:
+        for batch in super().__iter__():
+            where = getattr(batch, "ring_slot", None)
+            if where is not None:
+                batch = Batch(self.ring.take(where), batch.targets, batch.indices, batch.bad)
+            yield batch
+
+
 def _seed_worker(worker_id: int) -> None:
     # numpy and `random` in workers are not seeded by torch; derive them from torch's worker seed.
     base = torch.initial_seed() % (2**32)
@@ -321,6 +407,16 @@ def build_loader(source: ImageSource | StreamSource, transform: Transform, image
     dataset = ImageDataset(source, maker)
     sampler = EpochSampler(len(dataset), shuffle=training, seed=seed, rank=rank, world_size=world_size,
                            drop_last=drop_last and world_size > 1)
+    if num_workers and not pin_memory:
+        # Pinned batches are copied out of shared memory by the pin thread anyway.
+        try:
+            ring = SharedBatchRing(num_workers, common["prefetch_factor"] + 2, (channels, *image_size), batch_size)
+        except RuntimeError:  # shared memory too small (e.g. a container's 64 MB /dev/shm)
+            ring = None
+        if ring is not None:
+            del common["collate_fn"]
+            return _RingLoader(dataset, sampler=sampler, drop_last=drop_last, persistent_workers=True,
+                               ring=ring, **common)
     return DataLoader(dataset, sampler=sampler, drop_last=drop_last, persistent_workers=num_workers > 0, **common)
 
 
