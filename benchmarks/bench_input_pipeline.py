@@ -117,15 +117,21 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="timed epochs per candidate")
     parser.add_argument("--image-size", default="500x375", help="JPEG size, WIDTHxHEIGHT")
     parser.add_argument("--only", nargs="*", default=None, help="candidate names to run (default: all)")
+    parser.add_argument("--system-malloc", action="store_true",
+                        help="leave glibc's malloc as it is (default: reuse freed memory, as `slimtune train` "
+                             "does; every candidate and worker gets the same setting)")
     args = parser.parse_args()
     size = tuple(int(side) for side in args.image_size.lower().split("x"))
     torch.set_num_threads(1)
+    from slimtune.malloc import reuse_freed_memory
+
+    allocator = "glibc as is" if args.system_malloc or not reuse_freed_memory() else "freed memory reused"
 
     with tempfile.TemporaryDirectory(prefix="slimtune_bench_") as tmp:
         root = Path(tmp) / "images"
         make_jpeg_folder(root, args.images, size)
         print(f"{args.images} JPEGs of {size[0]}x{size[1]} in {root}; batch {args.batch_size}; "
-              f"load average at start {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
+              f"load average at start {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs; malloc: {allocator}")
         builders = {"slimtune vgg": lambda w: slimtune_loader(root, "vgg", w, args.batch_size),
                     "slimtune inception": lambda w: slimtune_loader(root, "inception", w, args.batch_size),
                     "torchvision RRC": lambda w: torchvision_loader(root, w, args.batch_size)}
