@@ -45,5 +45,8 @@ def test_forward_passes_reuse_freed_memory() -> None:
 
 
 def test_slimtune_malloc_system_leaves_glibc_alone() -> None:
-    applied, _ = _forward_page_faults("tuned", dict(os.environ, SLIMTUNE_MALLOC="system"))
-    assert applied == "False"
+    check = "from slimtune.malloc import reuse_freed_memory; print(reuse_freed_memory())"
+    for setting, expected in (("system", "False"), ("", "True")):
+        output = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True,
+                                env=dict(os.environ, SLIMTUNE_MALLOC=setting)).stdout.strip()
+        assert output == expected, setting
