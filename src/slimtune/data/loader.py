@@ -15,6 +15,7 @@ the per-image work runs on one thread.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import os
@@ -249,6 +250,8 @@ class Batch:
     targets: torch.Tensor
     indices: torch.Tensor
     bad: list[str] = field(default_factory=list)
+    # Set by a worker that left the images in a SharedBatchRing slot: (worker, slot, generation).
+    ring_slot: Optional[tuple[int, int, int]] = None
 
     def pin_memory(self) -> "Batch":
         """Pinned copies for asynchronous host-to-GPU transfer."""
@@ -275,15 +278,22 @@ def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(tensors)
 
 
-def collate(items: Sequence[dict]) -> Optional[Batch]:
-    """Stack good samples; keep the descriptions of bad ones. None when every sample was bad."""
+def collate(items: Sequence[dict], ring: Optional[SharedBatchRing] = None) -> Optional[Batch]:
+    """Stack good samples; keep the descriptions of bad ones. None when every sample was bad.
+
+    With a `ring` (in a loader worker), a full batch's images go into its next slot instead.
+    """
     bad = [item["bad"] for item in items if "bad" in item]
     good = [item for item in items if "bad" not in item]
     if not good:
         return Batch(torch.empty(0), torch.empty(0), torch.empty(0, dtype=torch.int64), bad)
-    return Batch(_stack([item["image"] for item in good]),
-                 torch.stack([item["target"] for item in good]),
-                 torch.tensor([item["index"] for item in good], dtype=torch.int64), bad)
+    images = [item["image"] for item in good]
+    targets = torch.stack([item["target"] for item in good])
+    indices = torch.tensor([item["index"] for item in good], dtype=torch.int64)
+    where = ring.put(images) if ring is not None and not bad else None
+    if where is not None:
+        return Batch(torch.empty(0), targets, indices, ring_slot=where)
+    return Batch(_stack(images), targets, indices, bad)
 
 
 def _free_bytes(path: str) -> int:
@@ -337,37 +347,17 @@ class SharedBatchRing:
         return images
 
 
-class _Collator:
-    """collate, with the images going through a SharedBatchRing when one is given."""
-
-    def __init__(self, ring: Optional[SharedBatchRing] = None) -> None:
-        self.ring = ring
-
-    def __call__(self, items: Sequence[dict]) -> Optional[Batch]:
-        if self.ring is None:
-            return collate(items)
-        good = [item for item in items if "bad" not in item]
-        where = self.ring.put([item["image"] for item in good]) if len(good) == len(items) else None
-        if where is None:
-            return collate(items)
-        batch = Batch(torch.empty(0), torch.stack([item["target"] for item in good]),
-                      torch.tensor([item["index"] for item in good], dtype=torch.int64))
-        batch.ring_slot = where
-        return batch
-
-
 class _RingLoader(DataLoader):
     """A DataLoader whose workers hand their images over through a SharedBatchRing."""
 
     def __init__(self, *args: Any, ring: SharedBatchRing, **kwargs: Any) -> None:
-        super().__init__(*args, collate_fn=_Collator(ring), **kwargs)
+        super().__init__(*args, collate_fn=functools.partial(collate, ring=ring), **kwargs)
         self.ring = ring
 
     def __iter__(self) -> Iterator[Batch]:
         for batch in super().__iter__():
-            where = getattr(batch, "ring_slot", None)
-            if where is not None:
-                batch = Batch(self.ring.take(where), batch.targets, batch.indices, batch.bad)
+            if batch.ring_slot is not None:
+                batch = Batch(self.ring.take(batch.ring_slot), batch.targets, batch.indices, batch.bad)
             yield batch
 
 
