@@ -67,6 +67,18 @@ DTYPES_BY_NAME = {d.name: d for d in _DTYPES}
 _UNSUPPORTED = {20: "resource", 21: "variant"}
 
 
+def require_readable(path: object, version_def: memoryview, reader_version: int, reader: str) -> None:
+    """Raise unless a VersionDef (min_consumer = 2, bad_consumers = 3) lets this reader version read it."""
+    min_consumer, bad = 0, []
+    for field, wire_type, value in iter_fields(version_def):
+        if field == 2 and wire_type == VARINT:
+            min_consumer = value
+        elif field == 3 and wire_type == VARINT:
+            bad.append(value)
+    if min_consumer > reader_version or reader_version in bad:
+        raise CheckpointError(f"{path} needs a newer {reader} (min_consumer {min_consumer})")
+
+
 def dtype_from_enum(enum: int) -> TFDtype | None:
     """Look up a DataType enum; reference types (enum + 100) map to their base type."""
     if enum > 100:

@@ -33,6 +33,7 @@ from slimtune.checkpoint.tf_proto import (
     parse_shape,
     parse_slice,
     region_shape,
+    require_readable,
     slice_region,
     tensor_slice_key,
     to_tf_array,
@@ -169,7 +170,7 @@ class TFV1Reader(CheckpointReader):
             if wire_type != LENGTH_DELIMITED:
                 continue
             if field == 2:
-                _check_versions(table.path, payload)
+                require_readable(table.path, payload, CHECKPOINT_VERSION, "checkpoint reader")
             elif field == 1:
                 name, dtype_enum, shape, slices = None, 0, (), []
                 for sub_field, sub_type, sub in iter_fields(payload):
@@ -274,17 +275,6 @@ def _nbytes(meta: _TensorMeta, stored: int) -> int:
     if dtype is not None and dtype.storage is not None:
         return numel(meta.shape) * np.dtype(dtype.storage).itemsize
     return stored
-
-
-def _check_versions(path: Path, payload: memoryview) -> None:
-    min_consumer, bad = 0, []
-    for field, wire_type, value in iter_fields(payload):
-        if field == 2 and wire_type == VARINT:
-            min_consumer = value
-        elif field == 3 and wire_type == VARINT:
-            bad.append(value)
-    if min_consumer > CHECKPOINT_VERSION or CHECKPOINT_VERSION in bad:
-        raise CheckpointError(f"{path} needs a newer checkpoint reader (min_consumer {min_consumer})")
 
 
 def decode_tensor_values(

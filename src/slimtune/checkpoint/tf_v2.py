@@ -29,6 +29,7 @@ from slimtune.checkpoint.tf_proto import (
     parse_shape,
     parse_slice,
     region_shape,
+    require_readable,
     slice_region,
     tensor_slice_key,
     to_tf_array,
@@ -135,7 +136,7 @@ class TFV2Reader(CheckpointReader):
             elif field == 2 and wire_type == VARINT:
                 self.endianness = payload
             elif field == 3 and wire_type == LENGTH_DELIMITED:
-                _check_versions(table.path, payload)
+                require_readable(table.path, payload, BUNDLE_VERSION, "tensor-bundle reader")
             elif field in (1, 2, 3):
                 raise WireError(f"bundle header field {field} has wire type {wire_type}")
         if not 0 <= self.num_shards <= MAX_SHARDS:
@@ -282,17 +283,6 @@ def _known_dtype(name: str, prefix: str, entry: _Entry) -> TFDtype:
     if dtype is None:
         raise CheckpointError(f"{name} in {prefix} has dtype {dtype_name(entry.dtype_enum)}, which cannot be read")
     return dtype
-
-
-def _check_versions(path: Path, payload: memoryview) -> None:
-    min_consumer, bad = 0, []
-    for field, wire_type, value in iter_fields(payload):
-        if field == 2 and wire_type == VARINT:
-            min_consumer = value
-        elif field == 3 and wire_type == VARINT:
-            bad.append(value)
-    if min_consumer > BUNDLE_VERSION or BUNDLE_VERSION in bad:
-        raise CheckpointError(f"{path} needs a newer tensor-bundle reader (min_consumer {min_consumer})")
 
 
 # -------------------------------------------------------------------------------------------
