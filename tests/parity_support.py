@@ -13,6 +13,20 @@ from slimtune.testing import Golden, load_golden, seeded_slim_weights
 GOLDEN_DIR = Path(__file__).parent / "golden"
 
 
+def sgd_losses(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, steps: int) -> list[float]:
+    """Plain SGD steps on one batch; asserts every parameter gets a finite gradient at each step."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    losses = []
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(images), labels)
+        loss.backward()
+        losses.append(loss.item())
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+        optimizer.step()
+    return losses
+
+
 def golden(config: str) -> Golden:
     """The golden of a config (tests/golden/<config>.npz)."""
     return load_golden(GOLDEN_DIR / f"{config}.npz")

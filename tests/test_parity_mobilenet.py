@@ -19,7 +19,7 @@ from slimtune.nets import create_model, get_model_spec
 from slimtune.nets.mobilenet_common import make_divisible
 from slimtune.testing import assert_matches_golden, seeded_slim_weights
 
-from parity_support import GOLDEN_DIR, FamilyCheckpoints
+from parity_support import GOLDEN_DIR, FamilyCheckpoints, sgd_losses
 from parity_support import golden as _golden
 from parity_support import nchw as _nchw
 from parity_support import net_kwargs as _net_kwargs
@@ -327,18 +327,10 @@ def test_trains_end_to_end(name):
     torch.manual_seed(0)
     model = create_model(name, num_classes=3, dropout_keep_prob=1.0).train()
     images, labels = torch.randn(4, 3, 48, 48), torch.tensor([0, 1, 2, 1])
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     first_bn = next(m for m in model.modules() if type(m).__name__ == "BatchNorm")
     decay = 0.9997 if "v1" in name else 0.997
     assert first_bn.decay == decay and first_bn.eps == 0.001 and first_bn.weight is not None
-    losses = []
-    for _ in range(3):
-        optimizer.zero_grad()
-        loss = torch.nn.functional.cross_entropy(model(images), labels)
-        loss.backward()
-        losses.append(loss.item())
-        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
-        optimizer.step()
+    losses = sgd_losses(model, images, labels, steps=3)
     assert max(losses[1:]) < losses[0]
     assert not torch.all(first_bn.running_mean == 0)
 

@@ -16,7 +16,7 @@ from slimtune.errors import ConfigError
 from slimtune.nets import create_model, get_model_spec
 from slimtune.testing import assert_matches_golden
 
-from parity_support import FamilyCheckpoints
+from parity_support import FamilyCheckpoints, sgd_losses
 from parity_support import golden as _golden
 from parity_support import nchw as _nchw
 from parity_support import net_kwargs as _net_kwargs
@@ -210,15 +210,7 @@ def test_trains_end_to_end(alexnet_10):
     model = _copy_into("alexnet_v2", alexnet_10, num_classes=10, dropout_keep_prob=1.0).train()
     generator = torch.Generator().manual_seed(3)
     images, labels = torch.randn(4, 3, 224, 224, generator=generator), torch.tensor([0, 1, 2, 1])
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    losses = []
-    for _ in range(2):
-        optimizer.zero_grad()
-        loss = torch.nn.functional.cross_entropy(model(images), labels)
-        loss.backward()
-        losses.append(loss.item())
-        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
-        optimizer.step()
+    losses = sgd_losses(model, images, labels, steps=2)
     assert losses[1] < losses[0]
 
 
