@@ -417,7 +417,10 @@ def test_separable_conv_is_depthwise_then_pointwise():
         pointwise.weight.copy_(separable.pointwise_weight)
         pointwise.BatchNorm.load_state_dict(separable.BatchNorm.state_dict())
         images = torch.randn(2, 3, 20, 21)
-        torch.testing.assert_close(separable(images), pointwise(depthwise(images)))
-    assert separable(images).shape == (2, 24, 10, 11)
+        folded = separable(images)  # no autograd: BN folded into the pointwise kernel
+        torch.testing.assert_close(folded, pointwise(depthwise(images)))
+    unfolded = separable(images)  # autograd on: BN runs as its own op
+    torch.testing.assert_close(folded, unfolded.detach(), rtol=1e-5, atol=1e-5)
+    assert unfolded.shape == (2, 24, 10, 11)
     biased = SeparableConv2d(5, 10, 3, rate=2, depth_multiplier=2)
     assert biased.bias.shape == (10,) and biased.BatchNorm is None

@@ -206,9 +206,7 @@ class Conv2d(nn.Module):
                 and not (norm.training and not norm.frozen))
 
     def _folded(self, kernel: Tensor, bias: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
-        """The kernel (output channels first) and bias to convolve with: BN folded in when it can be."""
-        if not self._folds_batch_norm():
-            return kernel, bias
+        """The kernel (output channels first) and bias with this layer's BN folded in."""
         norm = self.BatchNorm
         scale = torch.rsqrt(norm.running_var + norm.eps)
         if norm.weight is not None:
@@ -222,13 +220,16 @@ class Conv2d(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Convolve (with TF padding), normalize, activate."""
-        kernel, bias = self._folded(getattr(self, self.kernel_name), self.bias)
+        kernel, bias = getattr(self, self.kernel_name), self.bias
+        fold = self._folds_batch_norm()
+        if fold:
+            kernel, bias = self._folded(kernel, bias)
         if self._covers_whole_input(x):
             x = self._conv_as_linear(x, kernel, bias)
         else:
             x, padding = self._pad(x)
             x = F.conv2d(x, kernel, bias, self.stride, padding, self.rate, self.groups)
-        if self.BatchNorm is not None and not self._folds_batch_norm():
+        if self.BatchNorm is not None and not fold:
             x = self.BatchNorm(x)
         if self.activation is not None:
             x = self.activation(x)

@@ -138,9 +138,12 @@ class SeparableConv2d(Conv2d):
         """Depthwise (TF padding, stride, rate), pointwise 1x1, normalize, activate."""
         x, padding = self._pad(x)
         x = F.conv2d(x, self.depthwise_weight, None, self.stride, padding, self.rate, self.groups)
-        pointwise, bias = self._folded(self.pointwise_weight, self.bias)
+        pointwise, bias = self.pointwise_weight, self.bias
+        fold = self._folds_batch_norm()
+        if fold:
+            pointwise, bias = self._folded(pointwise, bias)
         x = F.conv2d(x, pointwise, bias)
-        if self.BatchNorm is not None and not self._folds_batch_norm():
+        if self.BatchNorm is not None and not fold:
             x = self.BatchNorm(x)
         if self.activation is not None:
             x = self.activation(x)
