@@ -401,9 +401,9 @@ def build_loader(source: ImageSource | StreamSource, transform: Transform, image
         # Pinned batches are copied out of shared memory by the pin thread anyway.
         try:
             ring = SharedBatchRing(num_workers, common["prefetch_factor"] + 2, (channels, *image_size), batch_size)
-        except RuntimeError:  # shared memory too small (e.g. a container's 64 MB /dev/shm)
-            ring = None
-        if ring is not None:
+        except RuntimeError:  # shared memory too small (e.g. a container's 64 MB /dev/shm): plain loader
+            pass
+        else:
             del common["collate_fn"]
             return _RingLoader(dataset, sampler=sampler, drop_last=drop_last, persistent_workers=True,
                                ring=ring, **common)
