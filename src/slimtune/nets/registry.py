@@ -41,6 +41,14 @@ class ModelSpec:
     #: True when parameter shapes depend on the input size (slim's lenet/cifarnet flatten).
     sized_by_input: bool = False
     defaults: dict[str, Any] = field(default_factory=dict)
+    #: scopes holding the classifier heads, main first ('InceptionV3/Logits', 'InceptionV3/AuxLogits'):
+    #: what `--checkpoint_exclude_scopes heads` excludes when fine-tuning to new classes.
+    classifier_scopes: tuple[str, ...] = ()
+    #: scope of the first convolution (what `in_chans` adapts), e.g. 'InceptionV3/Conv2d_1a_3x3'.
+    first_conv: str = ""
+    #: the published checkpoint's ImageNet top-1 / top-5 accuracy (%) from slim's model-zoo table.
+    published_top1: Optional[float] = None
+    published_top5: Optional[float] = None
 
     def build(self, num_classes: int, image_size: Optional[int] = None, **kwargs: Any) -> nn.Module:
         """Build the network, then attach this spec to it as `model.spec`.
@@ -62,7 +70,9 @@ _BUILTINS_LOADED = False
 def register_model(name: Optional[str] = None, *, default_image_size: int, preprocessing: str,
                    checkpoint_num_classes: int, scope: str, in_channels: int = 3,
                    published_checkpoint: Optional[str] = None, description: str = "",
-                   sized_by_input: bool = False, **defaults: Any) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+                   sized_by_input: bool = False, classifier_scopes: tuple[str, ...] = (), first_conv: str = "",
+                   published_top1: Optional[float] = None, published_top5: Optional[float] = None,
+                   **defaults: Any) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
     """Register a network builder `fn(num_classes, **kwargs) -> nn.Module` under `name`.
 
     Extra keyword arguments become the builder's default options (e.g. depth_multiplier=0.5
@@ -74,7 +84,9 @@ def register_model(name: Optional[str] = None, *, default_image_size: int, prepr
                          preprocessing=preprocessing, checkpoint_num_classes=checkpoint_num_classes,
                          scope=scope, in_channels=in_channels, published_checkpoint=published_checkpoint,
                          description=description or (inspect.getdoc(builder) or "").split("\n")[0],
-                         sized_by_input=sized_by_input, defaults=dict(defaults))
+                         sized_by_input=sized_by_input, defaults=dict(defaults),
+                         classifier_scopes=tuple(classifier_scopes), first_conv=first_conv,
+                         published_top1=published_top1, published_top5=published_top5)
         _REGISTRY[key] = spec
         specs = getattr(builder, "slimtune_specs", [])
         builder.slimtune_specs = specs + [spec]  # type: ignore[attr-defined]
