@@ -49,6 +49,8 @@ class ModelSpec:
     #: the published checkpoint's ImageNet top-1 / top-5 accuracy (%) from slim's model-zoo table.
     published_top1: Optional[float] = None
     published_top5: Optional[float] = None
+    #: the smallest square input the net accepts (smaller inputs get one line naming this size).
+    min_image_size: int = 1
 
     def build(self, num_classes: int, image_size: Optional[int] = None, **kwargs: Any) -> nn.Module:
         """Build the network, then attach this spec to it as `model.spec`.
@@ -72,7 +74,7 @@ def register_model(name: Optional[str] = None, *, default_image_size: int, prepr
                    published_checkpoint: Optional[str] = None, description: str = "",
                    sized_by_input: bool = False, classifier_scopes: tuple[str, ...] = (), first_conv: str = "",
                    published_top1: Optional[float] = None, published_top5: Optional[float] = None,
-                   **defaults: Any) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+                   min_image_size: int = 1, **defaults: Any) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
     """Register a network builder `fn(num_classes, **kwargs) -> nn.Module` under `name`.
 
     Extra keyword arguments become the builder's default options (e.g. depth_multiplier=0.5
@@ -86,7 +88,8 @@ def register_model(name: Optional[str] = None, *, default_image_size: int, prepr
                          description=description or (inspect.getdoc(builder) or "").split("\n")[0],
                          sized_by_input=sized_by_input, defaults=dict(defaults),
                          classifier_scopes=tuple(classifier_scopes), first_conv=first_conv,
-                         published_top1=published_top1, published_top5=published_top5)
+                         published_top1=published_top1, published_top5=published_top5,
+                         min_image_size=min_image_size)
         _REGISTRY[key] = spec
         specs = getattr(builder, "slimtune_specs", [])
         builder.slimtune_specs = specs + [spec]  # type: ignore[attr-defined]
