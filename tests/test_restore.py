@@ -306,3 +306,21 @@ def test_select_params_for_trainable_scopes():
         "vgg_16.conv2.conv2_1.BatchNorm.bias", "vgg_16.fc7.weight", "vgg_16.fc7.bias"]
     with pytest.raises(ConfigError, match="--trainable_scopes: scope 'vgg_16/fc_8'.*vgg_16/fc8"):
         select_params(model, "vgg_16/fc_8")
+
+
+def test_a_read_error_part_way_leaves_the_model_untouched(source, tmp_path):
+    """A corrupt tensor late in the file must not leave the net half restored."""
+    from slimtune.checkpoint import write_tf_checkpoint
+    from slimtune.errors import CheckpointError
+
+    prefix = write_tf_checkpoint(tmp_path / "model.ckpt", slim_checkpoint(source), version=2)
+    data = next(tmp_path.glob("model.ckpt.data-*"))
+    raw = bytearray(data.read_bytes())
+    raw[-1] ^= 0x40  # a value byte of the tensor stored last: its crc32c no longer matches
+    data.write_bytes(bytes(raw))
+    target = TinyVGG(num_classes=10)
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(CheckpointError):
+        restore(target, str(prefix))
+    changed = [k for k, v in target.state_dict().items() if not torch.equal(before[k], v)]
+    assert changed == []

@@ -494,18 +494,30 @@ def restore(model: nn.Module, checkpoint: CheckpointArg, exclude_scopes: ScopesA
 
 
 def _load(model: nn.Module, ckpt: Mapping, steps: dict[str, tuple], tf_layout: bool) -> None:
-    """Copy every planned tensor into the net's own tensors (layout and dtype converted)."""
+    """Copy every planned tensor into the net's own tensors (layout and dtype converted).
+
+    Every tensor is read, converted and checked before the first copy: a read error part-way
+    (a corrupt record, a reader that lies about a shape) leaves the model untouched.
+    """
     state = model.state_dict(keep_vars=True)
+    values = {key: _converted(ckpt, ckpt_key, clean_name, target, classes, tf_layout)
+              for key, (ckpt_key, clean_name, target, classes) in steps.items()}
     with torch.no_grad():
-        for key, (ckpt_key, clean_name, target, classes) in steps.items():
-            value = _read(ckpt, ckpt_key)
-            shape = target if classes is None else (classes,) + tuple(target[1:])
-            value = tf_to_torch_array(clean_name, value, shape) if tf_layout else fit_torch_array(value, shape)
-            if classes is not None:
-                value = _adapt_class_rows(value, target[0])
-            if tuple(value.shape) != tuple(target):  # the plan said so; a reader lying about shapes is a bug
-                raise CheckpointError(f"{ckpt_key}: value has shape {list(value.shape)}, expected {list(target)}")
+        for key, value in values.items():
             state[key].copy_(value)
+
+
+def _converted(ckpt: Mapping, ckpt_key: str, clean_name: str, target: Shape, classes: Optional[int],
+               tf_layout: bool) -> torch.Tensor:
+    """One checkpoint tensor read and converted to its net tensor's layout and shape."""
+    value = _read(ckpt, ckpt_key)
+    shape = target if classes is None else (classes,) + tuple(target[1:])
+    value = tf_to_torch_array(clean_name, value, shape) if tf_layout else fit_torch_array(value, shape)
+    if classes is not None:
+        value = _adapt_class_rows(value, target[0])
+    if tuple(value.shape) != tuple(target):  # the plan said so; a reader lying about shapes is a bug
+        raise CheckpointError(f"{ckpt_key}: value has shape {list(value.shape)}, expected {list(target)}")
+    return value
 
 
 def _adapt_class_rows(value: torch.Tensor, classes: int) -> torch.Tensor:
