@@ -14,7 +14,7 @@ IGNORE = -1
 """Label (single-label) or target (multi-label) value meaning 'do not evaluate this entry'."""
 
 
-def _as_numpy(x: Any) -> np.ndarray:
+def as_numpy(x: Any) -> np.ndarray:
     """Return `x` (numpy array, torch tensor or sequence) as a numpy array without copying numpy input."""
     if isinstance(x, np.ndarray):
         return x
@@ -29,7 +29,7 @@ def _as_numpy(x: Any) -> np.ndarray:
 
 def sigmoid(x: Any) -> np.ndarray:
     """Numerically stable logistic function, elementwise (float32 stays float32)."""
-    arr = _as_numpy(x)
+    arr = as_numpy(x)
     if not np.issubdtype(arr.dtype, np.floating):
         arr = arr.astype(np.float64)
     # exp of a non-positive number never overflows; the two branches are the same function.
@@ -37,7 +37,7 @@ def sigmoid(x: Any) -> np.ndarray:
     return np.where(arr >= 0, 1.0 / (1.0 + e), e / (1.0 + e)).astype(arr.dtype, copy=False)
 
 
-def _resolve_class_names(num_classes: int, class_names: Sequence[str] | None) -> list[str]:
+def resolve_class_names(num_classes: int, class_names: Sequence[str] | None) -> list[str]:
     if not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
         raise ConfigError(f"num_classes must be a positive integer, got {num_classes!r}")
     if class_names is None:
@@ -55,7 +55,7 @@ def _resolve_class_names(num_classes: int, class_names: Sequence[str] | None) ->
     return names
 
 
-def _safe_div(num: np.ndarray | float, den: np.ndarray | float, empty: float = 0.0) -> np.ndarray:
+def safe_div(num: np.ndarray | float, den: np.ndarray | float, empty: float = 0.0) -> np.ndarray:
     """num / den elementwise, `empty` where den == 0."""
     num = np.asarray(num, dtype=np.float64)
     den = np.asarray(den, dtype=np.float64)
@@ -64,14 +64,14 @@ def _safe_div(num: np.ndarray | float, den: np.ndarray | float, empty: float = 0
     return out
 
 
-def _f1(precision: np.ndarray | float, recall: np.ndarray | float) -> np.ndarray:
+def harmonic_f1(precision: np.ndarray | float, recall: np.ndarray | float) -> np.ndarray:
     """Harmonic mean, 0 where both are 0."""
     p = np.asarray(precision, dtype=np.float64)
     r = np.asarray(recall, dtype=np.float64)
-    return _safe_div(2.0 * p * r, p + r)
+    return safe_div(2.0 * p * r, p + r)
 
 
-def _nanmean(values: np.ndarray) -> float:
+def nanmean(values: np.ndarray) -> float:
     """Mean over the finite entries; NaN when there are none (without numpy's warning)."""
     values = np.asarray(values, dtype=np.float64)
     ok = np.isfinite(values)
@@ -102,7 +102,7 @@ def to_jsonable(obj: Any) -> Any:
     if isinstance(obj, os.PathLike):
         return os.fspath(obj)
     if hasattr(obj, "detach"):
-        return to_jsonable(_as_numpy(obj))
+        return to_jsonable(as_numpy(obj))
     raise TypeError(f"to_jsonable cannot convert {type(obj).__name__}")
 
 

@@ -8,8 +8,8 @@ import numpy as np
 
 from slimtune.errors import ConfigError, DataError
 
-from .common import IGNORE, _as_numpy, _f1, _nanmean, _resolve_class_names, _safe_div, sigmoid
-from .ranking import (_check_multilabel, _class_blocks, _prepare_scores, _prepare_targets, _ranked_block,
+from .common import IGNORE, as_numpy, harmonic_f1, nanmean, resolve_class_names, safe_div, sigmoid
+from .ranking import (check_multilabel, class_blocks, prepare_scores, prepare_targets, ranked_block,
                       precision_recall_curve_points, tune_thresholds)
 
 
@@ -22,8 +22,8 @@ def threshold_metrics(scores: Any, targets: Any, thresholds: float | Any = 0.5) 
     true/false positives of all classes: OP = sum TP / sum (TP + FP), OR = sum TP / sum P,
     OF1 = 2*OP*OR / (OP + OR). Ignored (-1) entries count nowhere.
     """
-    s, t = _prepare_scores(scores), _prepare_targets(targets)
-    _check_multilabel(s, t)
+    s, t = prepare_scores(scores), prepare_targets(targets)
+    check_multilabel(s, t)
     c = s.shape[1]
     thr = _thresholds_array(thresholds, c)
     predicted = s >= thr[None, :]
@@ -31,24 +31,24 @@ def threshold_metrics(scores: Any, targets: Any, thresholds: float | Any = 0.5) 
     tp = (predicted & positive).sum(axis=0)
     fp = (predicted & negative).sum(axis=0)
     npos = positive.sum(axis=0)
-    precision = _safe_div(tp, tp + fp)
-    recall = _safe_div(tp, npos, empty=float("nan"))
+    precision = safe_div(tp, tp + fp)
+    recall = safe_div(tp, npos, empty=float("nan"))
     evaluable = npos > 0
     cp = float(precision[evaluable].mean()) if evaluable.any() else float("nan")
     cr = float(recall[evaluable].mean()) if evaluable.any() else float("nan")
-    op = float(_safe_div(tp.sum(), tp.sum() + fp.sum()))
-    orr = float(_safe_div(tp.sum(), npos.sum(), empty=float("nan")))
+    op = float(safe_div(tp.sum(), tp.sum() + fp.sum()))
+    orr = float(safe_div(tp.sum(), npos.sum(), empty=float("nan")))
     return {
         "CP": cp,
         "CR": cr,
-        "CF1": float(_f1(cp, cr)) if evaluable.any() else float("nan"),
+        "CF1": float(harmonic_f1(cp, cr)) if evaluable.any() else float("nan"),
         "OP": op,
         "OR": orr,
-        "OF1": float(_f1(op, orr)) if npos.sum() else float("nan"),
+        "OF1": float(harmonic_f1(op, orr)) if npos.sum() else float("nan"),
         "thresholds": thr,
         "precision": precision,
         "recall": recall,
-        "f1": np.where(evaluable, _f1(precision, np.nan_to_num(recall)), np.nan),
+        "f1": np.where(evaluable, harmonic_f1(precision, np.nan_to_num(recall)), np.nan),
         "true_positives": tp,
         "false_positives": fp,
     }
@@ -61,7 +61,7 @@ def _logit(p: np.ndarray) -> np.ndarray:
 
 
 def _thresholds_array(thresholds: float | Any, num_classes: int) -> np.ndarray:
-    thr = np.asarray(_as_numpy(thresholds), dtype=np.float64)
+    thr = np.asarray(as_numpy(thresholds), dtype=np.float64)
     if thr.ndim == 0:
         return np.full(num_classes, float(thr))
     thr = thr.reshape(-1)
@@ -85,7 +85,7 @@ class MultiLabelAccumulator:
     def __init__(
         self, num_classes: int, class_names: Sequence[str] | None = None, from_logits: bool = False
     ) -> None:
-        self.class_names = _resolve_class_names(num_classes, class_names)
+        self.class_names = resolve_class_names(num_classes, class_names)
         self.num_classes = int(num_classes)
         self.from_logits = bool(from_logits)
         self.reset()
@@ -103,13 +103,13 @@ class MultiLabelAccumulator:
 
     def update(self, scores: Any, targets: Any) -> None:
         """Add a batch: scores [N, C] (probabilities, or logits with from_logits=True), targets [N, C] in {1, 0, -1}."""
-        raw = _as_numpy(scores)
-        t = _prepare_targets(targets)
+        raw = as_numpy(scores)
+        t = prepare_targets(targets)
         if raw.ndim == 1 and self.num_classes == 1:
             raw, t = raw[:, None], t.reshape(-1, 1)
         nan_count = int(np.isnan(raw).sum()) if np.issubdtype(raw.dtype, np.floating) else 0
-        s = _prepare_scores(raw)
-        _check_multilabel(s, t, self.num_classes)
+        s = prepare_scores(raw)
+        check_multilabel(s, t, self.num_classes)
         if not self.from_logits:
             finite = s[np.isfinite(s)]
             if finite.size and (finite.min() < 0.0 or finite.max() > 1.0):
@@ -171,7 +171,7 @@ class MultiLabelAccumulator:
         if scores.shape[0] == 0:
             raise DataError("no samples were evaluated: check the eval split")
         names = self.class_names
-        parts = [_ranked_block(scores, targets, cols).average_precisions() for cols in _class_blocks(self.num_classes)]
+        parts = [ranked_block(scores, targets, cols).average_precisions() for cols in class_blocks(self.num_classes)]
         ap = {key: np.concatenate([p[key] for p in parts]) for key in ("AP", "AP_voc07", "AP_voc12")}
         prob_thresholds = _thresholds_array(thresholds, self.num_classes)
         # p >= t  <=>  logit >= log(t / (1 - t)), so stored logits are thresholded in logit space.
@@ -183,9 +183,9 @@ class MultiLabelAccumulator:
         nign = (targets == IGNORE).sum(axis=0)
         result: dict[str, Any] = {
             "kind": "multi",
-            "mAP": _nanmean(ap["AP"]),
-            "mAP_voc07": _nanmean(ap["AP_voc07"]),
-            "mAP_voc12": _nanmean(ap["AP_voc12"]),
+            "mAP": nanmean(ap["AP"]),
+            "mAP_voc07": nanmean(ap["AP_voc07"]),
+            "mAP_voc12": nanmean(ap["AP_voc12"]),
             **{key: at_threshold[key] for key in ("CP", "CR", "CF1", "OP", "OR", "OF1")},
             "num_samples": int(scores.shape[0]),
             "num_classes": self.num_classes,

@@ -8,7 +8,7 @@ import numpy as np
 
 from slimtune.errors import ConfigError, DataError
 
-from .common import IGNORE, _as_numpy, _safe_div
+from .common import IGNORE, as_numpy, safe_div
 
 # Classes handled per vectorized pass: bounds temporaries to a few (N x 64) arrays.
 _CLASS_BLOCK = 64
@@ -16,7 +16,7 @@ _CLASS_BLOCK = 64
 _VOC07_LEVELS = range(11)
 
 
-def _check_multilabel(scores: np.ndarray, targets: np.ndarray, num_classes: int | None = None) -> None:
+def check_multilabel(scores: np.ndarray, targets: np.ndarray, num_classes: int | None = None) -> None:
     if scores.ndim != 2:
         raise DataError(f"scores must be [num_samples, num_classes], got shape {tuple(scores.shape)}")
     if num_classes is not None and scores.shape[1] != num_classes:
@@ -32,8 +32,8 @@ def _check_multilabel(scores: np.ndarray, targets: np.ndarray, num_classes: int 
         raise DataError("targets must be 1 (positive), 0 (negative) or -1 (ignore)")
 
 
-def _prepare_targets(targets: Any) -> np.ndarray:
-    t = _as_numpy(targets)
+def prepare_targets(targets: Any) -> np.ndarray:
+    t = as_numpy(targets)
     if t.dtype == bool:
         return t.astype(np.int8)
     if np.issubdtype(t.dtype, np.floating):
@@ -43,9 +43,9 @@ def _prepare_targets(targets: Any) -> np.ndarray:
     return t.astype(np.int8)
 
 
-def _prepare_scores(scores: Any) -> np.ndarray:
+def prepare_scores(scores: Any) -> np.ndarray:
     """Scores as float32/float64 with NaN replaced by -inf (ranked last, never above a threshold)."""
-    s = _as_numpy(scores)
+    s = as_numpy(scores)
     if not np.issubdtype(s.dtype, np.floating):
         s = s.astype(np.float64)
     nan = np.isnan(s)
@@ -118,7 +118,7 @@ class _RankedBlock:
         group_end = self.group_end()
         is_end = group_end == np.arange(n)[None, :]
         # F1 = 2TP / (2TP + FP + FN) = 2TP / (TP + FP + P); only tie-group ends are real cut points.
-        f1 = _safe_div(2 * self.tp, self.tp + self.fp + npos[:, None])
+        f1 = safe_div(2 * self.tp, self.tp + self.fp + npos[:, None])
         f1 = np.where(is_end, f1, -1.0)
         best = f1.argmax(axis=1)  # first maximum = highest threshold among equally good ones
         rows = np.arange(k)
@@ -131,12 +131,12 @@ class _RankedBlock:
         return np.where(npos > 0, threshold, fallback).astype(np.float64)
 
 
-def _class_blocks(num_classes: int) -> Iterable[slice]:
+def class_blocks(num_classes: int) -> Iterable[slice]:
     for start in range(0, num_classes, _CLASS_BLOCK):
         yield slice(start, min(start + _CLASS_BLOCK, num_classes))
 
 
-def _ranked_block(scores: np.ndarray, targets: np.ndarray, cols: slice) -> _RankedBlock:
+def ranked_block(scores: np.ndarray, targets: np.ndarray, cols: slice) -> _RankedBlock:
     return _RankedBlock(
         np.ascontiguousarray(scores[:, cols].T), np.ascontiguousarray(targets[:, cols].T)
     )
@@ -144,9 +144,9 @@ def _ranked_block(scores: np.ndarray, targets: np.ndarray, cols: slice) -> _Rank
 
 def average_precisions(scores: Any, targets: Any) -> dict[str, np.ndarray]:
     """Per-class AP in its three forms (keys AP, AP_voc07, AP_voc12); NaN for classes without positives."""
-    s, t = _prepare_scores(scores), _prepare_targets(targets)
-    _check_multilabel(s, t)
-    parts = [_ranked_block(s, t, cols).average_precisions() for cols in _class_blocks(s.shape[1])]
+    s, t = prepare_scores(scores), prepare_targets(targets)
+    check_multilabel(s, t)
+    parts = [ranked_block(s, t, cols).average_precisions() for cols in class_blocks(s.shape[1])]
     return {key: np.concatenate([p[key] for p in parts]) for key in ("AP", "AP_voc07", "AP_voc12")}
 
 
@@ -160,12 +160,12 @@ def tune_thresholds(
     """
     if metric != "f1":
         raise ConfigError(f"unknown threshold metric {metric!r}: only 'f1' is supported")
-    s, t = _prepare_scores(scores), _prepare_targets(targets)
-    _check_multilabel(s, t)
+    s, t = prepare_scores(scores), prepare_targets(targets)
+    check_multilabel(s, t)
     if s.shape[0] == 0:
         return np.full(s.shape[1], float(fallback))
     return np.concatenate(
-        [_ranked_block(s, t, cols).best_f1_thresholds(float(fallback)) for cols in _class_blocks(s.shape[1])]
+        [ranked_block(s, t, cols).best_f1_thresholds(float(fallback)) for cols in class_blocks(s.shape[1])]
     )
 
 
@@ -177,9 +177,9 @@ def precision_recall_curve_points(
     Returns arrays `precision`, `recall`, `thresholds` (same length; recall non-decreasing). With
     `max_points`, an evenly spaced subset that keeps the first and last points is returned.
     """
-    s = _prepare_scores(np.asarray(_as_numpy(scores_c)).reshape(-1, 1))
-    t = _prepare_targets(np.asarray(_as_numpy(targets_c)).reshape(-1, 1))
-    _check_multilabel(s, t)
+    s = prepare_scores(np.asarray(as_numpy(scores_c)).reshape(-1, 1))
+    t = prepare_targets(np.asarray(as_numpy(targets_c)).reshape(-1, 1))
+    check_multilabel(s, t)
     keep = t[:, 0] != IGNORE
     s, t = s[keep], t[keep]
     empty = np.zeros(0, dtype=np.float64)

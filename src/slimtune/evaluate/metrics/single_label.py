@@ -8,7 +8,7 @@ import numpy as np
 
 from slimtune.errors import ConfigError, DataError
 
-from .common import IGNORE, _as_numpy, _nanmean, _resolve_class_names, _safe_div
+from .common import IGNORE, as_numpy, nanmean, resolve_class_names, safe_div
 
 
 class SingleLabelAccumulator:
@@ -32,7 +32,7 @@ class SingleLabelAccumulator:
         topk: Iterable[int] = (1, 5),
         max_examples_per_pair: int = 4,
     ) -> None:
-        self.class_names = _resolve_class_names(num_classes, class_names)
+        self.class_names = resolve_class_names(num_classes, class_names)
         self.num_classes = int(num_classes)
         self.topk = tuple(int(k) for k in topk)
         if any(k < 1 for k in self.topk):
@@ -67,14 +67,14 @@ class SingleLabelAccumulator:
         `sample_ids` (e.g. image paths), when given, lets `compute` list the first few misclassified
         samples of every (true, predicted) pair, in the order they were fed.
         """
-        logits = _as_numpy(logits)
-        labels = _as_numpy(labels)
+        logits = as_numpy(logits)
+        labels = as_numpy(labels)
         if labels.ndim == 2 and labels.shape[1] == 1:
             labels = labels[:, 0]
         n = self._check_batch(logits, labels)
         keep = labels != IGNORE
         if mask is not None:
-            mask = _as_numpy(mask).astype(bool).reshape(-1)
+            mask = as_numpy(mask).astype(bool).reshape(-1)
             if mask.shape[0] != n:
                 raise DataError(f"mask has {mask.shape[0]} entries for a batch of {n} samples")
             keep &= mask
@@ -167,9 +167,9 @@ class SingleLabelAccumulator:
         names = self.class_names
         confusion = self._confusion.copy()
         correct = np.diag(confusion)
-        per_class_accuracy = _safe_div(correct, self._support, empty=float("nan"))
+        per_class_accuracy = safe_div(correct, self._support, empty=float("nan"))
         predicted_count = confusion.sum(axis=0)
-        per_class_precision = _safe_div(correct, predicted_count, empty=float("nan"))
+        per_class_precision = safe_div(correct, predicted_count, empty=float("nan"))
 
         result: dict[str, Any] = {
             "kind": "single",
@@ -180,7 +180,7 @@ class SingleLabelAccumulator:
         result.update(
             {
                 "topk_effective": {f"Recall_{k}": ke for k, ke in zip(self.topk, self.topk_effective)},
-                "mean_per_class_accuracy": _nanmean(per_class_accuracy),
+                "mean_per_class_accuracy": nanmean(per_class_accuracy),
                 "num_samples": n,
                 "num_ignored": self._num_ignored,
                 "num_nonfinite": self._num_nonfinite,
