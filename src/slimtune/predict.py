@@ -66,7 +66,9 @@ def _class_names(meta: dict[str, str], weights: Path, count: int) -> list[str]:
     if labels.is_file():
         from .data.labels import labels_to_names, read_labels_file
         return labels_to_names(read_labels_file(labels))
-    return [str(i) for i in range(count)]
+    # A published ImageNet checkpoint carries no labels of its own: slim's class names.
+    from .data.imagenet import imagenet_class_names
+    return imagenet_class_names(count) or [str(i) for i in range(count)]
 
 
 def predict(checkpoint_path: str, inputs: Sequence[str], *, model_name: Optional[str] = None, top_k: int = 5,
