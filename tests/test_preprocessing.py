@@ -133,12 +133,13 @@ def test_lenet_matches_tensorflow_on_grayscale_photos(golden):
         assert max_diff(hwc(swapped), golden[f"eval/lenet_20x28/{key}"]) == 0.0
 
 
-def test_lenet_rgb_input_becomes_one_channel():
+def test_lenet_keeps_the_images_channels_as_slim_does():
     rgb = chw(photo("chelsea"))
     out = get_preprocessing("lenet", False)(rgb, 28, 28)
-    assert out.shape == (1, 28, 28)
-    gray = ops.rgb_to_grayscale(ops.crop_or_pad(rgb, 28, 28).float())
-    assert_close(out, (gray - 128) / 128)
+    assert out.shape == (3, 28, 28)
+    assert_close(out, (ops.crop_or_pad(rgb, 28, 28).float() - 128) / 128)
+    gray = get_preprocessing("lenet", False, use_grayscale=True)(rgb, 28, 28)
+    assert_close(gray, (ops.rgb_to_grayscale(ops.crop_or_pad(rgb, 28, 28).float()) - 128) / 128)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -365,7 +366,7 @@ def test_distorted_bbox_falls_back_to_whole_image():
 # ----------------------------------------------------------------------------------------------
 
 TRAIN_SPECS = [("vgg", 224, 3), ("inception", 224, 3), ("inception", 299, 3), ("cifarnet", 32, 3),
-               ("lenet", 28, 1)]
+               ("lenet", 28, 3)]
 
 
 @pytest.mark.parametrize("name,size,channels", TRAIN_SPECS)
