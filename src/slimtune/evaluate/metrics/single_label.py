@@ -17,7 +17,8 @@ class SingleLabelAccumulator:
     `Accuracy` is argmax accuracy (ties go to the lowest class index, like tf.argmax).
     `Recall_k` follows tf.nn.in_top_k, as slim's `streaming_recall_at_k` does: a sample counts when
     fewer than k classes score strictly higher than its true class, so ties at the boundary count as
-    hits. With fewer than k classes, k is clipped to the number of classes (`topk_effective`).
+    hits. `Recall_k` is reported only when there are more than k classes: with k or fewer every sample
+    is a hit, so the number would say nothing (`topk_not_reported` names the ones left out and why).
     Labels equal to -1, or samples with mask False, are skipped and counted in `num_ignored`.
     Samples whose logits contain NaN have no prediction: they count as evaluated and wrong, are
     counted in `num_nonfinite`, and are absent from the confusion matrix.
@@ -107,7 +108,7 @@ class SingleLabelAccumulator:
         true_score = logits[rows, labels]
         # Rank of the true class = number of classes scoring strictly higher (tf.nn.in_top_k rule).
         rank = (logits > true_score[:, None]).sum(axis=1)
-        for i, k in enumerate(self.topk_effective):
+        for i, k in enumerate(self.topk):
             self._topk_hits[i] += int((rank < k).sum())
         self._confusion += np.bincount(labels * c + predicted, minlength=c * c).reshape(c, c)
 
@@ -138,11 +139,6 @@ class SingleLabelAccumulator:
                 "background = 0)"
             )
         return int(logits.shape[0])
-
-    @property
-    def topk_effective(self) -> tuple[int, ...]:
-        """The k actually used for each requested k (clipped to num_classes)."""
-        return tuple(min(k, self.num_classes) for k in self.topk)
 
     def merge(self, other: "SingleLabelAccumulator") -> None:
         """Add the counts of another accumulator (e.g. from another process) to this one."""
@@ -175,11 +171,16 @@ class SingleLabelAccumulator:
             "kind": "single",
             "Accuracy": float(correct.sum() / n),
         }
+        not_reported = {}
         for k, hits in zip(self.topk, self._topk_hits):
-            result[f"Recall_{k}"] = float(hits / n)
+            if k < self.num_classes:
+                result[f"Recall_{k}"] = float(hits / n)
+            elif k > 1:
+                not_reported[f"Recall_{k}"] = (f"needs more than {k} classes (there are {self.num_classes}): "
+                                               "every sample would count as a hit")
         result.update(
             {
-                "topk_effective": {f"Recall_{k}": ke for k, ke in zip(self.topk, self.topk_effective)},
+                "topk_not_reported": not_reported,
                 "mean_per_class_accuracy": nanmean(per_class_accuracy),
                 "num_samples": n,
                 "num_ignored": self._num_ignored,
