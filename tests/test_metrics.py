@@ -365,7 +365,11 @@ def test_torch_inputs_and_examples():
     acc.update(logits, labels, sample_ids=["i0.jpg", "i1.jpg", "i2.jpg", "i3.jpg"])
     res = acc.compute()
     assert res["Accuracy"] == pytest.approx(0.5)
-    assert res["misclassified_examples"] == [{"true": "z", "predicted": "y", "samples": ["i1.jpg"]}]
+    [example] = res["misclassified_examples"]
+    assert example["true"] == "z" and example["predicted"] == "y" and example["samples"] == ["i1.jpg"]
+    expected = torch.softmax(logits[1].float(), 0)  # sample i1: true z (2), predicted y (1)
+    assert example["predicted_probability"] == [pytest.approx(float(expected[1]), abs=1e-6)]
+    assert example["true_probability"] == [pytest.approx(float(expected[2]), abs=1e-6)]
 
 
 def test_nan_logits_count_as_wrong_and_are_reported():

@@ -127,3 +127,39 @@ def test_report_rejects_wrong_kind_and_names(tmp_path, multi_results):
         write_report(tmp_path, multi_results, "both")
     with pytest.raises(ConfigError, match="per-class"):
         write_report(tmp_path, multi_results, "multi", ["not", "these"])
+
+
+def test_report_names_the_run_and_captions_misclassified_thumbnails(tmp_path):
+    """The header says which checkpoint/step/train_dir; each thumbnail shows its file and probabilities."""
+    rng = np.random.default_rng(2)
+    names = ["cat", "dog", "fox"]
+    paths = []
+    for i in range(3):
+        path = tmp_path / "images" / f"photo_{i}.jpg"
+        path.parent.mkdir(exist_ok=True)
+        Image.fromarray((rng.random((40, 50, 3)) * 255).astype(np.uint8)).save(path)
+        paths.append(str(path))
+    logits = np.array([[0.0, 2.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 3.0]])  # photo_0: a cat taken for a dog
+    acc = SingleLabelAccumulator(3, names)
+    acc.update(logits, np.array([0, 0, 2]), sample_ids=paths)
+    results = acc.compute()
+    results.update({"checkpoint": str(tmp_path / "run" / "model.ckpt-120.safetensors"), "step": 120,
+                    "split": "validation", "model_name": "mobilenet_v1"})
+    html = write_report(tmp_path / "report", results, "single", names).read_text(encoding="utf-8")
+    assert "<th>Checkpoint</th><td>" + str(tmp_path / "run" / "model.ckpt-120.safetensors") in html
+    assert "<th>Step</th><td>120</td>" in html and f"<th>Train dir</th><td>{tmp_path / 'run'}</td>" in html
+    assert "<th>Split</th><td>validation</td>" in html
+    probabilities = np.exp(logits[0]) / np.exp(logits[0]).sum()
+    assert f"photo_0.jpg<br>dog {probabilities[1]:.2f} &middot; cat {probabilities[0]:.2f}" in html
+
+
+def test_multi_label_table_leaves_out_classes_absent_from_the_split(tmp_path):
+    names = ["person", "dog", "sofa"]
+    targets = np.array([[1, 0, 0], [0, 1, 0], [1, 1, 0], [0, 0, 0]])  # no sofa in this split
+    scores = np.array([[0.9, 0.2, 0.1], [0.3, 0.8, 0.4], [0.7, 0.6, 0.2], [0.1, 0.3, 0.6]])
+    acc = MultiLabelAccumulator(3, names)
+    acc.update(scores, targets)
+    html = write_report(tmp_path, acc.compute(), "multi", names).read_text(encoding="utf-8")
+    assert "<td>person</td>" in html and "<td>dog</td>" in html
+    assert "<td>sofa</td>" not in html
+    assert "No positives in this split (no AP, left out of mAP): sofa." in html

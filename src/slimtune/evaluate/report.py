@@ -15,7 +15,7 @@ import html
 import io
 import math
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -77,14 +77,30 @@ def write_report(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     heading = title or ("Single-label evaluation" if kind == "single" else "Multi-label evaluation")
+    body = _run_section(results)
     if kind == "single":
-        body = _single_label_sections(out, results, names, examples)
+        body += _single_label_sections(out, results, names, examples)
     else:
-        body = _multi_label_sections(out, results, names)
+        body += _multi_label_sections(out, results, names)
     page = _PAGE.format(title=_esc(heading), body="\n".join(body))
     report = out / REPORT_NAME
     report.write_text(page, encoding="utf-8")
     return report
+
+
+def _run_section(results: Mapping[str, Any]) -> list[str]:
+    """Which checkpoint, step, train_dir and split these results describe (when the results say)."""
+    checkpoint = results.get("checkpoint")
+    rows = [
+        ("Model", results.get("model_name")),
+        ("Checkpoint", checkpoint),
+        ("Step", results.get("step")),
+        ("Train dir", str(Path(checkpoint).parent) if checkpoint else None),
+        ("Dataset", results.get("dataset_dir")),
+        ("Split", results.get("split")),
+    ]
+    rows = [(key, value) for key, value in rows if value is not None]
+    return [_section("Run", _key_value_table(rows))] if rows else []
 
 
 # ----------------------------------------------------------------------------------------------
@@ -206,18 +222,26 @@ def _plot_per_class_accuracy(path: Path, accuracy: np.ndarray, names: list[str])
     return len(index)
 
 
+Example = tuple[Path, Optional[float], Optional[float]]  # image, P(predicted class), P(true class)
+
+
 def _example_paths(
     examples: Mapping | None, results: Mapping[str, Any], names: list[str]
-) -> dict[tuple[str, str], list[Path]]:
-    """(true, predicted) names -> image paths, from `examples` or the results' sample ids that are files."""
-    pairs: dict[tuple[str, str], list[Path]] = {}
+) -> dict[tuple[str, str], list[Example]]:
+    """(true, predicted) names -> (image, probabilities), from `examples` or the results' sample ids
+    that are files (with the probabilities the results recorded for them)."""
+    pairs: dict[tuple[str, str], list[Example]] = {}
     if examples is not None:
         for (true, predicted), paths in examples.items():
             key = (_class_name(true, names), _class_name(predicted, names))
-            pairs.setdefault(key, []).extend(Path(p) for p in paths)
+            pairs.setdefault(key, []).extend((Path(p), None, None) for p in paths)
     else:
         for entry in results.get("misclassified_examples", []):
-            files = [Path(s) for s in entry.get("samples", []) if isinstance(s, (str, Path)) and Path(s).is_file()]
+            samples = entry.get("samples", [])
+            predicted_p = entry.get("predicted_probability") or [None] * len(samples)
+            true_p = entry.get("true_probability") or [None] * len(samples)
+            files = [(Path(s), p, t) for s, p, t in zip(samples, predicted_p, true_p)
+                     if isinstance(s, (str, Path)) and Path(s).is_file()]
             if files:
                 pairs[(str(entry["true"]), str(entry["predicted"]))] = files
     return pairs
@@ -231,18 +255,22 @@ def _class_name(value: Any, names: list[str]) -> str:
     return str(value)
 
 
-def _examples_html(example_pairs: dict[tuple[str, str], list[Path]], ranked: list[tuple]) -> str:
+def _examples_html(example_pairs: dict[tuple[str, str], list[Example]], ranked: list[tuple]) -> str:
     rank = {(str(t), str(p)): i for i, (t, p, *_rest) in enumerate(ranked)}
     order = sorted(example_pairs, key=lambda pair: (rank.get(pair, len(rank)), pair))
     blocks, unreadable = [], 0
     for true, predicted in order[:MAX_EXAMPLE_PAIRS]:
         images = []
-        for path in example_pairs[(true, predicted)][:MAX_EXAMPLES_PER_PAIR]:
+        for path, predicted_p, true_p in example_pairs[(true, predicted)][:MAX_EXAMPLES_PER_PAIR]:
             uri = _thumbnail_data_uri(path)
             if uri is None:
                 unreadable += 1
                 continue
-            images.append(f'<img class="thumb" src="{uri}" alt="{_esc(path.name)}" title="{_esc(str(path))}">')
+            caption = _esc(path.name)
+            if predicted_p is not None and true_p is not None:
+                caption += f"<br>{_esc(predicted)} {predicted_p:.2f} &middot; {_esc(true)} {true_p:.2f}"
+            images.append(f'<figure class="example"><img class="thumb" src="{uri}" alt="{_esc(path.name)}" '
+                          f'title="{_esc(str(path))}"><figcaption>{caption}</figcaption></figure>')
         if images:
             blocks.append(
                 f"<div class=\"pair\"><h3>{_esc(true)} &rarr; predicted {_esc(predicted)}</h3>{''.join(images)}</div>"
@@ -321,8 +349,12 @@ def _multi_label_sections(out: Path, results: Mapping[str, Any], names: list[str
 
     headers = ["Class", "Positives", "Ignored", "AP", "AP VOC07", "AP VOC2010+", "Threshold", "Precision", "Recall", "F1"]
     keys = ["num_positives", "num_ignored", "AP", "AP_voc07", "AP_voc12", "threshold", "precision", "recall", "f1"]
-    rows = [[n] + [per_class[n].get(k) for k in keys] for n in names]
-    sections.append(_section("Per-class results and thresholds", _table(headers, rows)))
+    present = [n for n in names if per_class[n].get("num_positives") != 0]
+    absent = [n for n in names if per_class[n].get("num_positives") == 0]
+    rows = [[n] + [per_class[n].get(k) for k in keys] for n in present]
+    note = (f"<p>No positives in this split (no AP, left out of mAP): {_esc(', '.join(absent))}.</p>"
+            if absent else "")
+    sections.append(_section("Per-class results and thresholds", _table(headers, rows) + note))
     return sections
 
 
@@ -484,6 +516,7 @@ figcaption {{ font-size: 0.85em; color: #555; }}
 .pair {{ display: inline-block; vertical-align: top; margin: 0 1em 1em 0; }}
 .pair h3 {{ font-size: 0.9em; margin: .2em 0; }}
 .thumb {{ margin: 2px; border: 1px solid #ddd; }}
+.example {{ display: inline-block; margin: 0 4px 4px 0; font-size: 0.75em; text-align: center; }}
 .note {{ font-size: 0.85em; color: #444; max-width: 60em; }}
 </style>
 </head>

@@ -113,10 +113,16 @@ class SingleLabelAccumulator:
         self._confusion += np.bincount(labels * c + predicted, minlength=c * c).reshape(c, c)
 
         if sample_ids is not None and self.max_examples_per_pair > 0:
-            for i in np.flatnonzero(predicted != labels):
+            wrong = np.flatnonzero(predicted != labels)
+            if wrong.size:
+                # Softmax of the misclassified rows only: what the report shows under each thumbnail.
+                shifted = np.exp(logits[wrong] - logits[wrong].max(axis=1, keepdims=True))
+                probabilities = shifted / shifted.sum(axis=1, keepdims=True)
+            for row, i in enumerate(wrong):
                 bucket = self._examples.setdefault((int(labels[i]), int(predicted[i])), [])
                 if len(bucket) < self.max_examples_per_pair:
-                    bucket.append(sample_ids[i])
+                    bucket.append((sample_ids[i], float(probabilities[row, predicted[i]]),
+                                   float(probabilities[row, labels[i]])))
 
     def _check_batch(self, logits: np.ndarray, labels: np.ndarray) -> int:
         if logits.ndim != 2 or logits.shape[1] != self.num_classes:
@@ -199,8 +205,11 @@ class SingleLabelAccumulator:
                 "confusion_matrix": confusion,
                 "most_confused": most_confused_pairs(confusion, names, most_confused_k),
                 "misclassified_examples": [
-                    {"true": names[t], "predicted": names[p], "samples": list(ids)}
-                    for (t, p), ids in sorted(self._examples.items(), key=lambda kv: (-confusion[kv[0]], kv[0]))
+                    {"true": names[t], "predicted": names[p], "samples": [e[0] for e in entries],
+                     "predicted_probability": [round(e[1], 6) for e in entries],
+                     "true_probability": [round(e[2], 6) for e in entries]}
+                    for (t, p), entries in sorted(self._examples.items(),
+                                                  key=lambda kv: (-confusion[kv[0]], kv[0]))
                 ],
             }
         )
