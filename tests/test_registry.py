@@ -100,13 +100,26 @@ def test_user_network_errors_are_one_line(tmp_path):
         slimtune.create_model(f"{tmp_path}/empty.py:net")
 
 
-def test_models_command_lists_size_preprocessing_and_parameters(capsys):
-    assert main(["models", "lenet*"]) == 0
-    out = capsys.readouterr().out
-    header, row = out.splitlines()[:2]
-    assert header.split()[:3] == ["name", "size", "preprocessing"]
-    assert row.split()[:3] == ["lenet", "28", "lenet"]
-    assert "3.27M" in row
+def test_models_command_lists_without_building_and_counts_parameters_on_request(capsys, monkeypatch):
+    from slimtune.nets.registry import ModelSpec
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("listing the registry must not build a network")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ModelSpec, "build", no_build)
+        assert main(["models"]) == 0
+        listed = capsys.readouterr().out.splitlines()
+        assert main(["models", "resnet_v1_5*"]) == 0
+        header, row = capsys.readouterr().out.splitlines()[:2]
+    assert len(listed) == len(slimtune.list_models()) + 1
+    assert header.split() == ["name", "size", "preprocessing", "classes", "top-1", "top-5", "published", "checkpoint"]
+    spec = get_model_spec("resnet_v1_50")
+    accuracy = ["-" if v is None else f"{v:.1f}" for v in (spec.published_top1, spec.published_top5)]
+    assert row.split() == ["resnet_v1_50", "224", "vgg", "1000", *accuracy, "resnet_v1_50_2016_08_28.tar.gz"]
+    assert main(["models", "lenet*", "--params"]) == 0
+    header, row = capsys.readouterr().out.splitlines()[:2]
+    assert "params" in header.split() and "3.27M" in row
 
 
 def test_unknown_model_on_the_command_line_is_one_line_without_traceback(capsys, tmp_path):

@@ -63,7 +63,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 def _cmd_models(args: argparse.Namespace) -> int:
     from .nets.summary import format_model_table
 
-    print(format_model_table(args.pattern))
+    print(format_model_table(args.pattern, with_params=args.params))
     return 0
 
 
@@ -160,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     models = command("models", _cmd_models, "list the registered networks")
     models.add_argument("pattern", nargs="?", help="glob filter, e.g. 'resnet*'")
+    models.add_argument("--params", action="store_true", help="also count parameters (builds each net on the meta device)")
 
     demo = command("demo", _cmd_demo, "train lenet on the bundled digits, evaluate, predict (about a minute)")
     demo.add_argument("--output_dir", "--output-dir", default="slimtune_demo")

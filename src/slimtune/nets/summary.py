@@ -1,4 +1,8 @@
-"""`slimtune models`: the registry as a table (name, image size, preprocessing, parameters)."""
+"""`slimtune models`: the registry as a table (name, image size, preprocessing, classes, accuracy).
+
+Listing reads the registry only: no network is built, so it answers as fast as the net modules
+import. Parameter counts need a build (on the meta device) and are asked for with `--params`.
+"""
 
 from __future__ import annotations
 
@@ -17,15 +21,24 @@ def parameter_count(name: str, num_classes: Optional[int] = None) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def format_model_table(pattern: Optional[str] = None) -> str:
-    """One line per registered network matching the glob `pattern`."""
+def _accuracy(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def format_model_table(pattern: Optional[str] = None, with_params: bool = False) -> str:
+    """One line per registered network matching the glob `pattern`; `with_params` adds parameter counts."""
     names = list_models(pattern)
     if not names:
         return f"no model matches {pattern!r}"
-    rows = [("name", "size", "preprocessing", "classes", "params", "published checkpoint")]
+    header = ["name", "size", "preprocessing", "classes", "top-1", "top-5"]
+    header += ["params"] if with_params else []
+    rows = [tuple(header + ["published checkpoint"])]
     for name in names:
         spec = get_model_spec(name)
-        rows.append((name, str(spec.default_image_size), spec.preprocessing, str(spec.checkpoint_num_classes),
-                     f"{parameter_count(name) / 1e6:.2f}M", spec.published_checkpoint or "-"))
+        row = [name, str(spec.default_image_size), spec.preprocessing, str(spec.checkpoint_num_classes),
+               _accuracy(spec.published_top1), _accuracy(spec.published_top5)]
+        if with_params:
+            row.append(f"{parameter_count(name) / 1e6:.2f}M")
+        rows.append(tuple(row + [spec.published_checkpoint or "-"]))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)
