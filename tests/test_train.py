@@ -146,3 +146,15 @@ def test_freeze_batch_norm_keeps_moving_statistics(tmp_path, cats_vs_dogs):
     statistics = [name for name in fresh if name.endswith(("running_mean", "running_var"))]
     assert statistics and all(torch.equal(weights[name], fresh[name]) for name in statistics)
     assert not torch.equal(weights["MobilenetV1.Conv2d_0.weight"], fresh["MobilenetV1.Conv2d_0.weight"])
+
+
+def test_a_misspelt_split_is_refused_before_anything_is_written(tmp_path, cats_vs_dogs, capsys):
+    import shutil
+    for split in ("train", "validation"):
+        shutil.copytree(cats_vs_dogs, tmp_path / "pets" / split)
+    train_dir = tmp_path / "run"
+    assert main(["train", "--model_name", "lenet", "--dataset_dir", str(tmp_path / "pets"), "--dataset_split_name",
+                 "trian", "--train_dir", str(train_dir), "--max_number_of_steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "no split 'trian' (did you mean train?); its splits are train, validation" in err
+    assert "Traceback" not in err and not (train_dir / "labels.txt").exists()

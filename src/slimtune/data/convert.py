@@ -33,7 +33,6 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 from PIL import Image
@@ -46,12 +45,11 @@ from .labels import LABELS_FILENAME, labels_to_names, read_labels_file, write_la
 from .slim_datasets import (DATASET_SPEC_FILENAME, KEY_ENCODED, KEY_FILENAME, KEY_FORMAT, KEY_HEIGHT,
                             KEY_IGNORE, KEY_LABEL, KEY_WIDTH, DatasetSpec, TFRecordSource, get_split,
                             read_dataset_spec, write_dataset_spec)
-from .manifest import MANIFEST_FILE_SUFFIXES
+from .sources import SourceKind, detect_source
 from .tfrecord import TFRecordWriter, encode_example
 
 logger = logging.getLogger(__name__)
 
-SourceKind = Literal["folder", "voc", "manifest", "tfrecord"]
 BAD_IMAGE_POLICIES = ("skip", "fail")
 # 'auto': images that were lossy already (JPEG, WebP) are re-encoded as JPEG quality 95 (fast,
 # small; slim's ImageNet converter does the same for its CMYK JPEGs), everything else as PNG.
@@ -330,46 +328,6 @@ def _remove_stale_shards(out_dir: Path, name: str, split: str, keep: set[Path]) 
     return removed
 
 
-# --------------------------------------------------------------------------------------------
-# Telling sources apart
-# --------------------------------------------------------------------------------------------
-
-MANIFEST_SUFFIXES = (".csv", ".tsv", ".jsonl", ".ndjson", ".json", ".txt")
-_TFRECORD_NAME = re.compile(r"(\.tfrecords?$|\.record(-|$)|-of-\d+)")
-
-
-def detect_source(path: str | os.PathLike) -> SourceKind:
-    """Say what a dataset path holds: 'voc', 'tfrecord' (shards), 'folder' (class sub-folders)
-    or 'manifest' (a CSV / JSON-lines file). Raises DataError when it is none of these."""
-    from .folder import IMAGE_EXTENSIONS
-    from .voc import is_voc_root
-
-    path = Path(path)
-    if path.is_file():
-        if _TFRECORD_NAME.search(path.name):
-            return "tfrecord"
-        if path.suffix.lower() in MANIFEST_SUFFIXES:
-            return "manifest"
-        raise DataError(f"{path} is a file but neither a manifest ({', '.join(MANIFEST_SUFFIXES)}) "
-                        "nor a TFRecord shard")
-    if not path.is_dir():
-        raise DataError(f"dataset path {path} does not exist")
-    if is_voc_root(path):
-        return "voc"
-    files = [child for child in path.iterdir() if child.is_file()]
-    if any(child.name == DATASET_SPEC_FILENAME or _TFRECORD_NAME.search(child.name) for child in files):
-        return "tfrecord"
-    for child in sorted(path.iterdir()):
-        if child.is_dir() and not child.name.startswith("."):
-            if any(p.suffix.lower() in IMAGE_EXTENSIONS for p in child.rglob("*")):
-                return "folder"
-    manifests = [child for child in files if child.suffix.lower() in MANIFEST_FILE_SUFFIXES]
-    if len(manifests) == 1:
-        return "manifest"
-    raise DataError(f"cannot tell what {path} holds: expected class sub-folders with images, a "
-                    "VOCdevkit/VOC2007 tree, TFRecord shards, or a manifest file (.csv/.jsonl)")
-
-
 def open_converted(dataset_dir: str | os.PathLike, split: str) -> TFRecordSource:
     """Open one split of a directory written by `convert_to_tfrecord` (reads its spec JSON)."""
     return get_split(None, split, dataset_dir)
@@ -377,39 +335,15 @@ def open_converted(dataset_dir: str | os.PathLike, split: str) -> TFRecordSource
 
 def _split_sources(path: Path, kind: SourceKind, splits: list[str] | None, validation_fraction: float,
                    seed: int) -> dict[str, ImageSource]:
-    """The splits of a folder, VOC devkit or manifest to convert, by name."""
+    """The splits of a folder, VOC devkit or manifest to convert, by name; one source without
+    splits of its own is divided by `validation_fraction` when asked."""
     from .base import holdout_split
-    from .folder import ImageFolderSource
 
-    if kind == "voc":
-        from .voc import VOCSource
-
-        wanted = splits or ["trainval", "test"]
-        found = {}
-        for split in wanted:
-            try:
-                found[split] = VOCSource(path, split)
-            except DataError:
-                if splits:  # asked for explicitly: say what is wrong
-                    raise
-        if not found:
-            raise DataError(f"{path}: no VOC split among {', '.join(wanted)} could be read")
-        return found
-    if kind == "manifest":
-        from .manifest import ManifestSource
-
-        source: ImageSource = ManifestSource(path)
-    else:
-        split_dirs = [p for p in sorted(path.iterdir()) if p.is_dir() and p.name in
-                      ("train", "validation", "val", "test", "trainval")]
-        if split_dirs:
-            chosen = [d for d in split_dirs if not splits or d.name in splits]
-            return {d.name: ImageFolderSource(d) for d in chosen}
-        source = ImageFolderSource(path)
-    if validation_fraction > 0:
-        train, validation = holdout_split(source, validation_fraction, seed)
+    found = kind.convertible(path, splits)
+    if validation_fraction > 0 and len(found) == 1:
+        train, validation = holdout_split(next(iter(found.values())), validation_fraction, seed)
         return {"train": train, "validation": validation}
-    return {(splits or ["train"])[0]: source}
+    return found
 
 
 def convert_command(source_path: str | os.PathLike, out_dir: str | os.PathLike, *, name: str | None = None,
@@ -420,12 +354,12 @@ def convert_command(source_path: str | os.PathLike, out_dir: str | os.PathLike, 
     if not path.exists():
         raise DataError(f"{path} does not exist")
     kind = detect_source(path)
-    if kind == "tfrecord":
-        raise DataError(f"{path} already holds TFRecord shards; nothing to convert")
+    if kind.convertible is None:
+        raise DataError(f"{path} already holds {kind.description}; nothing to convert")
     if not 0.0 <= validation_fraction < 1.0:
         raise DataError("--validation_fraction must be in [0, 1)")
     wanted = [s.strip() for s in splits.split(",") if s.strip()] if splits else None
-    dataset_name = name or (path.stem if kind == "manifest" else path.resolve().name).lower() or "dataset"
+    dataset_name = name or (path.stem if path.is_file() else path.resolve().name).lower() or "dataset"
     for split, source in _split_sources(path, kind, wanted, validation_fraction, seed).items():
         report = convert_to_tfrecord(source, out_dir, dataset_name, num_shards=num_shards, split=split, seed=seed)
         print(report.summary(), file=sys.stderr)
