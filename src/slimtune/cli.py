@@ -119,7 +119,8 @@ def _cmd_data_convert(args: argparse.Namespace) -> int:
     from .data.convert import convert_command
 
     out = convert_command(args.source, args.output, name=args.name, num_shards=args.num_shards,
-                          splits=args.splits, validation_fraction=args.validation_fraction, seed=args.seed)
+                          splits=args.splits, validation_fraction=args.validation_fraction, seed=args.seed,
+                          output_format=args.format)
     print(f"wrote {out}", file=sys.stderr)
     return 0
 
@@ -197,7 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     data = command("data", lambda a: _missing_subcommand(data), "dataset tools")
     data_commands = data.add_subparsers(dest="subcommand", metavar="SUBCOMMAND")
     convert_data = command("convert", _cmd_data_convert,
-                           "image folder / VOC / manifest -> slim TFRecord shards + labels.txt", data_commands)
+                           "image folder / VOC / manifest -> TFRecord (slim's) or WebDataset shards + labels.txt",
+                           data_commands)
     convert_data.add_argument("source")
     convert_data.add_argument("output")
     convert_data.add_argument("--name", default=None, help="dataset name used in shard file names")
@@ -207,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert_data.add_argument("--validation_fraction", "--validation-fraction", type=float, default=0.0,
                               help="image folders without split folders: hold out this fraction as validation")
     convert_data.add_argument("--seed", type=int, default=0)
+    convert_data.add_argument("--format", default="tfrecord", choices=("tfrecord", "webdataset"),
+                              help="shards to write: slim's TFRecords or WebDataset tar files")
     return parser
 
 

@@ -182,6 +182,27 @@ def _open_tfrecord(root: Path, split: str) -> Source:
     return get_split(None, split, root)
 
 
+# ---- WebDataset tar shards ---------------------------------------------------------------------------------
+
+
+def _is_webdataset(path: Path) -> bool:
+    from .webdataset import is_webdataset
+
+    return is_webdataset(path)
+
+
+def _webdataset_splits(root: Path) -> list[str]:
+    from .webdataset import webdataset_splits
+
+    return webdataset_splits(root)
+
+
+def _open_webdataset(root: Path, split: str) -> Source:
+    from .webdataset import open_webdataset
+
+    return open_webdataset(root, split)
+
+
 # ---- manifests (CSV / JSON lines) ---------------------------------------------------------------------------
 
 
@@ -206,6 +227,8 @@ def _convertible_manifest(root: Path, wanted: Optional[list[str]]) -> dict[str, 
 # Detection order: what a path most specifically is comes first.
 register_source(SourceKind("voc", "a VOCdevkit/VOC2007 tree", _is_voc, lambda root: list(VOC_SPLITS), _open_voc,
                            _convertible_voc))
+register_source(SourceKind("webdataset", "WebDataset .tar shards", _is_webdataset, _webdataset_splits,
+                           _open_webdataset))
 register_source(SourceKind("tfrecord", "TFRecord shards", _is_tfrecord, _tfrecord_splits, _open_tfrecord))
 register_source(SourceKind("folder", "class sub-folders with images", _is_image_folder,
                            lambda root: folder_splits(root) or ["all"], _open_folder, _convertible_folder))
