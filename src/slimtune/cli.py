@@ -115,6 +115,31 @@ def _cmd_features(args: argparse.Namespace) -> int:
     return 0
 
 
+def _comma_list(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _cmd_probe(args: argparse.Namespace) -> int:
+    from .errors import ConfigError
+    from .probe import run_probe
+    from .train.runtime import pick_device
+
+    try:
+        rates = [float(rate) for rate in _comma_list(args.learning_rates)]
+    except ValueError as error:
+        raise ConfigError(f"--learning_rates must be a comma list of numbers ({error})") from error
+    results = run_probe(model_name=args.model_name, checkpoint_path=args.checkpoint_path,
+                        dataset_name=args.dataset_name, dataset_dir=args.dataset_dir,
+                        endpoints=_comma_list(args.endpoints), learning_rates=rates, output_dir=args.output_dir,
+                        train_split=args.train_split, eval_split=args.eval_split, num_epochs=args.num_epochs,
+                        batch_size=args.batch_size, image_size=args.image_size,
+                        preprocessing_name=args.preprocessing_name, labels_offset=args.labels_offset,
+                        num_workers=args.num_workers, seed=args.seed, weight_decay=args.weight_decay,
+                        cache_dir=args.cache_dir, device=str(pick_device(args.device)))
+    print(json.dumps(results["best"]))
+    return 0
+
+
 def _cmd_data_convert(args: argparse.Namespace) -> int:
     from .data.convert import convert_command
 
@@ -194,6 +219,28 @@ def build_parser() -> argparse.ArgumentParser:
     features.add_argument("--preprocessing_name", "--preprocessing-name")
     features.add_argument("--batch_size", "--batch-size", type=int, default=32)
     features.add_argument("--device", default="auto")
+
+    probe = command("probe", _cmd_probe, "linear probes on several end points x learning rates over one frozen pass")
+    probe.add_argument("--model_name", "--model-name", required=True)
+    probe.add_argument("--checkpoint_path", "--checkpoint-path", help="the backbone's weights (slim, TF or slimtune)")
+    probe.add_argument("--dataset_name", "--dataset-name")
+    probe.add_argument("--dataset_dir", "--dataset-dir")
+    probe.add_argument("--endpoints", required=True, help="comma list, e.g. block2,block3,block4,global_pool")
+    probe.add_argument("--learning_rates", "--learning-rates", default="1e-3,1e-2,1e-1", help="comma list")
+    probe.add_argument("--output_dir", "--output-dir", required=True,
+                       help="results table, plot, feature cache and the best head's checkpoint (best/)")
+    probe.add_argument("--train_split", "--train-split", default="train")
+    probe.add_argument("--eval_split", "--eval-split", default="auto")
+    probe.add_argument("--num_epochs", "--num-epochs", type=int, default=10)
+    probe.add_argument("--batch_size", "--batch-size", type=int, default=64)
+    probe.add_argument("--image_size", "--image-size", type=int)
+    probe.add_argument("--preprocessing_name", "--preprocessing-name")
+    probe.add_argument("--labels_offset", "--labels-offset", type=int, default=0)
+    probe.add_argument("--weight_decay", "--weight-decay", type=float, default=0.0)
+    probe.add_argument("--num_workers", "--num-workers", type=int, default=0)
+    probe.add_argument("--seed", type=int, default=0)
+    probe.add_argument("--cache_dir", "--cache-dir", help="feature cache (default: OUTPUT_DIR/feature_cache)")
+    probe.add_argument("--device", default="auto")
 
     data = command("data", lambda a: _missing_subcommand(data), "dataset tools")
     data_commands = data.add_subparsers(dest="subcommand", metavar="SUBCOMMAND")

@@ -110,7 +110,10 @@ def load_for_eval(checkpoint_path: str | Path, model_name: Optional[str], num_cl
     classes = int(meta["num_classes"]) if meta.get("num_classes") else num_classes
     trained_size = int(meta["image_size"]) if meta.get("image_size") else None
     if meta.get("format") == "slimtune":
-        model = spec.build(classes, image_size=trained_size)
+        from ..nets.endpoint_head import build_probe_model, is_probe_checkpoint
+
+        model = build_probe_model(spec, meta, trained_size) if is_probe_checkpoint(meta) else \
+            spec.build(classes, image_size=trained_size)
         ckpt.load_weights_into(model, weights)
     else:
         from ..checkpoint.restore import restore
