@@ -158,7 +158,7 @@ def features_command(*, model_name: str, endpoint: str, images: Sequence[str], o
     from .nets.registry import get_model_spec
     from .predict import expand_inputs
     from .preprocessing import get_preprocessing
-    from .train.runtime import pick_device
+    from .runtime import pick_device
 
     spec = get_model_spec(model_name)
     torch_device = pick_device(device)

@@ -23,8 +23,8 @@ from ..data.loader import build_loader
 from ..errors import CheckpointError, ConfigError
 from ..nets.registry import ModelSpec, get_model_spec
 from ..preprocessing import get_preprocessing
-from ..train import checkpoints as ckpt
-from ..train.runtime import default_num_workers, pick_device
+from ..checkpoint import train_dir as ckpt
+from ..runtime import default_num_workers, pick_device
 from .metrics import MultiLabelAccumulator, SingleLabelAccumulator, to_jsonable
 
 log = logging.getLogger("slimtune.eval")

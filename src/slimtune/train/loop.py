@@ -31,11 +31,11 @@ from ..data.loader import build_loader, set_loader_epoch
 from ..errors import ConfigError, DataError
 from ..nets.registry import ModelSpec, get_model_spec
 from ..preprocessing import get_preprocessing
-from . import checkpoints as ckpt
+from ..checkpoint import train_dir as ckpt
 from .freeze import apply_trainable_scopes, decay_groups
 from .losses import batch_accuracy, sigmoid_loss, softmax_loss
 from .optimizers import build_optimizer
-from .runtime import Runtime, all_reduce_sum, default_num_workers, seed_everything, setup_runtime, teardown_runtime
+from ..runtime import Runtime, all_reduce_sum, default_num_workers, seed_everything, setup_runtime, teardown_runtime
 from .schedules import learning_rate_at
 
 log = logging.getLogger("slimtune.train")

@@ -1,4 +1,6 @@
-"""Checkpoints in a train_dir: safetensors weights + training state, written so that none is half-written.
+"""Run checkpoints in a train_dir: safetensors weights + training state, never half-written.
+
+Written by `train`, read by train (resume), eval, predict and features; it sits below all of them.
 
 Layout (one pair per saved step, plus TF's `checkpoint` state file naming the latest):
     model.ckpt-<step>.safetensors   weights (torch names) with metadata: model_name, num_classes, step
@@ -21,9 +23,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..errors import CheckpointError, ConfigError
+from slimtune.checkpoint.reader import list_checkpoints
+from slimtune.checkpoint.state_file import STATE_FILENAME, format_state, read_state_file
+from slimtune.errors import CheckpointError, ConfigError
 
-STATE_FILENAME = "checkpoint"
 _CKPT_RE = re.compile(r"^model\.ckpt-(\d+)\.safetensors$")
 
 
@@ -67,12 +70,11 @@ def save_checkpoint(train_dir: Path, step: int, model: torch.nn.Module, state: d
     info = {**{k: str(v) for k, v in metadata.items()}, "step": str(step), "format": "slimtune"}
     _atomic_write(weights_path, lambda p: save_file(tensors, str(p), metadata=info))
     _atomic_write(state_path, lambda p: torch.save({**state, "step": step}, p))
-    checkpoints = list_checkpoints(train_dir)
+    checkpoints = run_checkpoints(train_dir)
     kept = [c for c in checkpoints if c.step != step][-(keep - 1):] if keep > 1 else []
     kept.append(TrainCheckpoint(weights_path, state_path, step))
-    lines = [f'model_checkpoint_path: "{weights_path.name}"']
-    lines += [f'all_model_checkpoint_paths: "{c.weights.name}"' for c in kept]
-    _atomic_write(train_dir / STATE_FILENAME, lambda p: p.write_text("\n".join(lines) + "\n", encoding="utf-8"))
+    text = format_state(weights_path.name, [c.weights.name for c in kept])
+    _atomic_write(train_dir / STATE_FILENAME, lambda p: p.write_text(text, encoding="utf-8"))
     kept_steps = {c.step for c in kept}
     for old in checkpoints:
         if old.step not in kept_steps:
@@ -81,12 +83,16 @@ def save_checkpoint(train_dir: Path, step: int, model: torch.nn.Module, state: d
     return TrainCheckpoint(weights_path, state_path, step)
 
 
-def list_checkpoints(train_dir: Path) -> list[TrainCheckpoint]:
-    """Complete checkpoints (weights and state present) in a train_dir, oldest first."""
-    found = []
+def run_checkpoints(train_dir: Path) -> list[TrainCheckpoint]:
+    """Complete run checkpoints (weights and state present) in a train_dir, oldest first.
+
+    Built on the reader's `list_checkpoints` (the one listing of a directory's checkpoints), kept to
+    the files a run writes.
+    """
     if not train_dir.is_dir():
-        return found
-    for path in train_dir.iterdir():
+        return []
+    found = []
+    for path in list_checkpoints(train_dir):
         match = _CKPT_RE.match(path.name)
         if match:
             state = path.with_name(path.name.replace(".safetensors", ".state.pt"))
@@ -99,14 +105,14 @@ def latest_checkpoint(train_dir: Path) -> Optional[TrainCheckpoint]:
     """The checkpoint named by the state file, else the newest complete one, else None."""
     state_file = train_dir / STATE_FILENAME
     if state_file.is_file():
-        match = re.search(r'model_checkpoint_path:\s*"([^"]+)"', state_file.read_text(encoding="utf-8"))
-        if match:
-            weights = train_dir / match.group(1)
+        named = read_state_file(state_file).model_checkpoint_path
+        if named:
+            weights = train_dir / Path(named).name
             step_match = _CKPT_RE.match(weights.name)
             state = weights.with_name(weights.name.replace(".safetensors", ".state.pt"))
             if step_match and weights.is_file() and state.is_file():
                 return TrainCheckpoint(weights, state, int(step_match.group(1)))
-    checkpoints = list_checkpoints(train_dir)
+    checkpoints = run_checkpoints(train_dir)
     return checkpoints[-1] if checkpoints else None
 
 
