@@ -230,9 +230,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise
         print(f"slimtune: error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("slimtune: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as interrupted:
+        # 128 + the signal number, as a shell reports a process ended by it (130 for Ctrl-C,
+        # 143 for SIGTERM); training has already said where it saved.
+        signum = getattr(interrupted, "signum", 2)
+        if signum == 2 and not hasattr(interrupted, "signum"):
+            print("slimtune: interrupted", file=sys.stderr)
+        return 128 + signum
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import platform
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ from ..data import build_source, resolve_split
 from ..data.base import ImageSource
 from ..data.labels import write_labels_file
 from ..data.loader import build_loader, set_loader_epoch
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, TrainingDiverged
 from ..nets.registry import ModelSpec, get_model_spec
 from ..preprocessing import get_preprocessing
 from ..checkpoint import train_dir as ckpt
@@ -37,6 +38,7 @@ from .losses import batch_accuracy, sigmoid_loss, softmax_loss
 from .optimizers import build_optimizer
 from ..runtime import Runtime, all_reduce_sum, default_num_workers, seed_everything, setup_runtime, teardown_runtime
 from .schedules import learning_rate_at
+from .signals import StopRequests, TrainingInterrupted, signal_name
 
 log = logging.getLogger("slimtune.train")
 
@@ -252,7 +254,7 @@ def _train(config: TrainConfig, runtime: Runtime) -> TrainResult:
         state = ckpt.load_state(latest)
         optimizer.load_state_dict(state["optimizer"])
         step = int(state["step"])
-        torch.set_rng_state(state["torch_rng"])
+        _set_rng_state(state, runtime)
         _say(f"Resumed from {latest.weights.name} at step {step}", runtime)
 
     pos_weight = _pos_weight(config, source, num_classes) if multi_label else None
@@ -281,8 +283,9 @@ def _train(config: TrainConfig, runtime: Runtime) -> TrainResult:
              f"{total_steps if total_steps is not None else 'unlimited'} steps; train_dir {train_dir}", runtime)
 
     def save(at_step: int) -> Path:
+        # Called between steps only: the RNG state saved is the one the next step starts from.
         saved = ckpt.save_checkpoint(train_dir, at_step, model,
-                                     {"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()},
+                                     {"optimizer": optimizer.state_dict(), **_rng_state(runtime)},
                                      metadata, keep=config.keep_checkpoint_max)
         return saved.weights
 
@@ -297,7 +300,15 @@ def _train(config: TrainConfig, runtime: Runtime) -> TrainResult:
     window_start, window_images = time.time(), 0
     autocast_dtype = torch.bfloat16 if runtime.device.type == "cpu" else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=config.amp and runtime.device.type == "cuda")
+    # The first step whose loss was not finite, kept on the device: checking it every step would
+    # wait for the GPU every step; it is read at the log interval and before each save.
+    first_bad_step = torch.zeros((), dtype=torch.long, device=runtime.device)
+    step_lines = runtime.is_main and not sys.stderr.isatty()  # nohup, SLURM, notebooks: slim's step lines
+    # SIGINT/SIGTERM/SIGHUP raise a flag that is acted on between steps (nothing is printed from
+    # the handler itself: it may interrupt a write to stderr).
+    stop = StopRequests()
     module.train()
+    stop.install()
     try:
         while total_steps is None or step < total_steps:
             epoch, start_batch = divmod(step, batches_per_epoch)
@@ -334,10 +345,11 @@ def _train(config: TrainConfig, runtime: Runtime) -> TrainResult:
                 scaler.update()
                 step += 1
                 window_images += len(batch) * runtime.world_size
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"loss became {loss.item()} at step {step}; lower --learning_rate")
+                first_bad_step = torch.where((first_bad_step == 0) & ~torch.isfinite(loss.detach()),
+                                             torch.full_like(first_bad_step, step), first_bad_step)
 
                 if step % config.log_every_n_steps == 0 or step == total_steps:
+                    _check_finite(first_bad_step, runtime, config, collective=True)
                     stats = torch.stack([loss.detach().float(), batch_accuracy(logits.float(), targets, multi_label)])
                     stats = all_reduce_sum(stats, runtime) / runtime.world_size
                     loss_value, accuracy = float(stats[0]), float(stats[1])
@@ -355,6 +367,9 @@ def _train(config: TrainConfig, runtime: Runtime) -> TrainResult:
                                  step, loss_value, accuracy, rate, speed)
                         progress.set_postfix(loss=f"{loss_value:.4f}", acc=f"{accuracy:.3f}", lr=f"{rate:.2g}",
                                              img_s=f"{speed:.0f}")
+                        if step_lines:
+                            print(f"step {step}: loss {loss_value:.4f}, accuracy {accuracy:.3f}, "
+                                  f"{speed:.1f} images/s, lr {rate:.3g}", file=sys.stderr, flush=True)
                 if progress is not None:
                     progress.update(1)
                 now = time.time()
@@ -363,24 +378,34 @@ def _train(config: TrainConfig, runtime: Runtime) -> TrainResult:
                     last_summary_time = now
                 due_by_steps = config.save_every_n_steps and step % config.save_every_n_steps == 0
                 if runtime.is_main and (due_by_steps or now - last_save_time >= config.save_interval_secs):
+                    _check_finite(first_bad_step, runtime, config)  # never save weights gone to NaN
                     result.checkpoint = save(step)
                     last_save_time = now
                 if evaluator is not None and step % config.eval_every_n_steps == 0:
                     evaluator(model, step, writer)
                     module.train()
+                if _stop_now(stop, step, config, runtime) and step != total_steps:
+                    _check_finite(first_bad_step, runtime, config)
+                    raise TrainingInterrupted(stop.signum or signal.SIGINT)
             if step == step_at_epoch_start:
                 raise DataError(f"a whole epoch gave no readable image ({result.skipped_images} skipped); "
                                 f"check the dataset")
-    except KeyboardInterrupt:
-        if runtime.is_main:
+    except TrainingInterrupted as interrupted:
+        if runtime.is_main and not interrupted.immediate:
+            # A stop request seen between steps: save that boundary.
             result.checkpoint = save(step)
-            _say(f"\nInterrupted: saved {result.checkpoint.name} at step {step}; run the same command to resume",
-                 runtime)
+            _say(f"Interrupted by {signal_name(interrupted.signum)}: saved {result.checkpoint.name} at step "
+                 f"{step}; run the same command to resume", runtime)
+        elif runtime.is_main:
+            _say(f"Stopped by a second {signal_name(interrupted.signum)} without saving; the last checkpoint "
+                 f"({_latest_name(train_dir)}) is intact; run the same command to resume from it", runtime)
         raise
     finally:
+        stop.restore()
         if progress is not None:
             progress.close()
     if runtime.is_main:
+        _check_finite(first_bad_step, runtime, config)
         if result.checkpoint is None or ckpt.latest_checkpoint(train_dir).step != step:
             result.checkpoint = save(step)
         if evaluator is not None and step % config.eval_every_n_steps != 0:
@@ -391,6 +416,53 @@ def _train(config: TrainConfig, runtime: Runtime) -> TrainResult:
         _say(f"Finished at step {step}: {result.checkpoint}", runtime)
     result.step = step
     return result
+
+
+def _rng_state(runtime: Runtime) -> dict[str, Any]:
+    """The RNG state of a step boundary: CPU, and the run's CUDA device when it uses one."""
+    state: dict[str, Any] = {"torch_rng": torch.get_rng_state()}
+    if runtime.device.type == "cuda":
+        state["cuda_rng"] = torch.cuda.get_rng_state(runtime.device)
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], runtime: Runtime) -> None:
+    torch.set_rng_state(state["torch_rng"])
+    if runtime.device.type == "cuda" and state.get("cuda_rng") is not None:
+        torch.cuda.set_rng_state(state["cuda_rng"], runtime.device)
+
+
+def _check_finite(first_bad_step: torch.Tensor, runtime: Runtime, config: TrainConfig,
+                  collective: bool = False) -> None:
+    """Stop with one line naming the first step whose loss was NaN or infinite (one host sync).
+
+    `collective` (every process calls it at the same step) makes all processes stop together.
+    """
+    bad = first_bad_step
+    if collective and runtime.distributed:
+        bad = first_bad_step.clone()
+        torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+    bad_step = int(bad)
+    if bad_step:
+        raise TrainingDiverged(f"the loss became NaN or infinite at step {bad_step} (learning rate "
+                               f"{config.learning_rate:g}); lower --learning_rate (e.g. "
+                               f"{config.learning_rate / 10:g}) or add --warmup_epochs; nothing was saved "
+                               f"after the last good checkpoint")
+
+
+def _stop_now(stop: StopRequests, step: int, config: TrainConfig, runtime: Runtime) -> bool:
+    """Whether a stop signal was received; under DDP a collective decision at the log interval."""
+    if not runtime.distributed:
+        return stop.requested
+    if step % config.log_every_n_steps:
+        return False
+    flag = torch.tensor(1 if stop.requested else 0, device=runtime.device)
+    return bool(all_reduce_sum(flag, runtime))
+
+
+def _latest_name(train_dir: Path) -> str:
+    latest = ckpt.latest_checkpoint(train_dir)
+    return latest.weights.name if latest else "none yet"
 
 
 def _forward(module: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, dict]:
