@@ -233,14 +233,7 @@ def _train(config: TrainConfig, runtime: Runtime) -> TrainResult:
     # Optimizer and schedule.
     # Kernels only get decay (slim's regularizers); AdamW applies the same groups decoupled.
     groups = decay_groups(model, config.weight_decay)
-    optimizer = build_optimizer(
-        config.optimizer, groups, config.learning_rate, opt_epsilon=config.opt_epsilon,
-        adadelta_rho=config.adadelta_rho, adagrad_initial_accumulator_value=config.adagrad_initial_accumulator_value,
-        adam_beta1=config.adam_beta1, adam_beta2=config.adam_beta2,
-        ftrl_learning_rate_power=config.ftrl_learning_rate_power,
-        ftrl_initial_accumulator_value=config.ftrl_initial_accumulator_value, ftrl_l1=config.ftrl_l1,
-        ftrl_l2=config.ftrl_l2, momentum=config.momentum, rmsprop_momentum=config.rmsprop_momentum,
-        rmsprop_decay=config.rmsprop_decay)
+    optimizer = build_optimizer(config.optimizer, groups, config.learning_rate, config)
 
     def rate_at(step: int) -> float:
         return learning_rate_at(step, learning_rate=config.learning_rate, decay_type=config.learning_rate_decay_type,
