@@ -183,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     features = command("features", _cmd_features, "write an end point's activations for each image")
     features.add_argument("images", nargs="+", help="image files, folders or glob patterns")
-    features.add_argument("--model_name", "--model-name", required=True)
+    features.add_argument("--model_name", "--model-name",
+                          help="network (default: recorded in a slimtune checkpoint)")
     features.add_argument("--checkpoint_path", "--checkpoint-path")
     features.add_argument("--checkpoint_name_map", "--checkpoint-name-map", action="append", default=[])
     features.add_argument("--endpoint", required=True, help="end point name, e.g. resnet_v1_50/block4")

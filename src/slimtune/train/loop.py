@@ -24,7 +24,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .. import __version__
-from ..config import TrainConfig, dump_config
+from ..config import TrainConfig, config_to_dict, dump_config
 from ..data import build_source, resolve_split
 from ..data.base import ImageSource
 from ..data.labels import write_labels_file
@@ -245,23 +245,32 @@ def _train(config: TrainConfig, runtime: Runtime) -> TrainResult:
     step = 0
     if latest is not None:
         state = ckpt.load_state(latest)
-        optimizer.load_state_dict(state["optimizer"])
         step = int(state["step"])
         _set_rng_state(state, runtime)
-        _say(f"Resumed from {latest.weights.name} at step {step}", runtime)
+        restored, why = _restore_optimizer(optimizer, state, config, model)
+        _say(f"Resumed from {latest.weights.name} at step {step}" +
+             ("" if restored else f"; the optimizer state starts fresh ({why})"), runtime)
+        _say_changed_settings(train_dir, config, runtime)
+        if total_steps is not None and step >= total_steps:
+            _say(f"{train_dir} is already at step {step}, the last step of this run (of {total_steps}): nothing to "
+                 f"train; raise --max_number_of_steps / --num_epochs to train further", runtime)
+            return TrainResult(train_dir, step, latest.weights)
 
     pos_weight = _pos_weight(config, source, num_classes) if multi_label else None
     if pos_weight is not None:
         pos_weight = pos_weight.to(runtime.device)
     class_names = source.class_names[config.labels_offset:] if not multi_label else source.class_names
     metadata = {"model_name": spec.name, "num_classes": str(num_classes), "multi_label": str(multi_label).lower(),
+                # How to rebuild the net: eval/predict/features need only the checkpoint (custom nets too).
+                "model": _rebuild_spec(config.model_name), "model_kwargs": ckpt.metadata_json(
+                    {"image_size": config.train_image_size} if config.train_image_size else {}),
                 "class_names": ckpt.metadata_json(class_names[:num_classes]),
                 "image_size": str(image_size),
                 "preprocessing": config.preprocessing_name or spec.preprocessing}
     writer = None
     if runtime.is_main:
         write_labels_file(train_dir, class_names[:num_classes])
-        dump_config(config, train_dir / "config.yaml",
+        run_record = dict(
                     {"resolved": {"model": spec.name, "num_classes": num_classes, "multi_label": multi_label,
                                   "split": split, "num_samples": len(source), "image_size": image_size,
                                   "world_size": runtime.world_size, "total_steps": total_steps,
@@ -275,11 +284,21 @@ def _train(config: TrainConfig, runtime: Runtime) -> TrainResult:
              f"on {len(source)} images of split {split!r}: {trainable_count:,}/{total_count:,} parameters train; "
              f"{total_steps if total_steps is not None else 'unlimited'} steps; train_dir {train_dir}", runtime)
 
+    config_saved = False
+
     def save(at_step: int) -> Path:
         # Called between steps only: the RNG state saved is the one the next step starts from.
+        nonlocal config_saved
         saved = ckpt.save_checkpoint(train_dir, at_step, model,
-                                     {"optimizer": optimizer.state_dict(), **_rng_state(runtime)},
+                                     {"optimizer": optimizer.state_dict(), **_rng_state(runtime),
+                                      "optimizer_name": config.optimizer,
+                                      "trainable": sorted(n for n, p in model.named_parameters() if p.requires_grad)},
                                      metadata, keep=config.keep_checkpoint_max)
+        if not config_saved:
+            # config.yaml describes the run that wrote the checkpoints: written once this run has
+            # saved one, so a run that fails earlier leaves the last good run's config in place.
+            _write_config_atomically(config, train_dir / "config.yaml", run_record)
+            config_saved = True
         return saved.weights
 
     result = TrainResult(train_dir, step, latest.weights if latest else None)
@@ -409,6 +428,66 @@ def _train(config: TrainConfig, runtime: Runtime) -> TrainResult:
         _say(f"Finished at step {step}: {result.checkpoint}", runtime)
     result.step = step
     return result
+
+
+def _rebuild_spec(model_name: str) -> str:
+    """--model_name as it can be given again from anywhere: a file path made absolute."""
+    location, sep, function = model_name.rpartition(":")
+    if sep and (location.endswith(".py") or "/" in location or "\\" in location):
+        return f"{Path(location).expanduser().resolve()}:{function}"
+    return model_name
+
+
+def _write_config_atomically(config: TrainConfig, path: Path, extra: dict[str, Any]) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    dump_config(config, temporary, extra)
+    temporary.replace(path)
+
+
+def _restore_optimizer(optimizer: torch.optim.Optimizer, state: dict[str, Any], config: TrainConfig,
+                       model: nn.Module) -> tuple[bool, str]:
+    """Load the saved optimizer state when it belongs to this optimizer and these trainable tensors.
+
+    A rerun with another --optimizer or other --trainable_scopes (phase 2 of a two-phase recipe)
+    keeps the weights and the step and starts the optimizer fresh; returns (restored, why not).
+    """
+    saved_name = state.get("optimizer_name")
+    if saved_name is not None and saved_name != config.optimizer:
+        return False, f"it was {saved_name}, now {config.optimizer}"
+    trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    saved_trainable = state.get("trainable")
+    if saved_trainable is not None and list(saved_trainable) != trainable:
+        return False, (f"the trainable tensors changed: {len(saved_trainable)} before, {len(trainable)} now "
+                       f"(--trainable_scopes)")
+    before = optimizer.state_dict()
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+    except (KeyError, ValueError, RuntimeError, TypeError) as error:
+        optimizer.load_state_dict(before)
+        return False, f"the saved state does not fit this optimizer: {str(error).splitlines()[0][:120]}"
+    return True, ""
+
+
+# Settings whose change between runs is expected (how far to train, where to log) or not a setting.
+_NOT_COMPARED = {"config", "max_number_of_steps", "num_epochs", "dry_run", "checkpoint_path", "device",
+                 "num_workers", "log_every_n_steps", "save_interval_secs", "save_summaries_secs",
+                 "save_every_n_steps", "eval_every_n_steps", "keep_checkpoint_max"}
+
+
+def _say_changed_settings(train_dir: Path, config: TrainConfig, runtime: Runtime) -> None:
+    """One line listing the settings that differ from the run that wrote train_dir's config.yaml."""
+    import yaml
+
+    try:
+        saved = yaml.safe_load((train_dir / "config.yaml").read_text(encoding="utf-8")).get("settings", {})
+    except (OSError, yaml.YAMLError, AttributeError):
+        return
+    current = config_to_dict(config)
+    changed = [f"{k} {saved[k]!r} -> {v!r}" for k, v in current.items()
+               if k in saved and k not in _NOT_COMPARED and saved[k] != v
+               and not (isinstance(v, list) and list(saved[k] or []) == v)]
+    if changed:
+        _say(f"Settings changed since the run that saved this train_dir: {', '.join(changed)}", runtime)
 
 
 def _rng_state(runtime: Runtime) -> dict[str, Any]:
