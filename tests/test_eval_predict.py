@@ -17,7 +17,7 @@ from slimtune.config import EvalConfig, TrainConfig
 from slimtune.demo import write_held_out_images
 from slimtune.evaluate.run import evaluate_checkpoint, watch
 from slimtune.predict import expand_inputs, predict
-from slimtune.train import checkpoints as ckpt
+from slimtune.checkpoint import train_dir as ckpt
 from slimtune.train.loop import train
 
 

@@ -209,7 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     features = command("features", _cmd_features, "write an end point's activations for each image")
     features.add_argument("images", nargs="+", help="image files, folders or glob patterns")
-    features.add_argument("--model_name", "--model-name", required=True)
+    features.add_argument("--model_name", "--model-name",
+                          help="network (default: recorded in a slimtune checkpoint)")
     features.add_argument("--checkpoint_path", "--checkpoint-path")
     features.add_argument("--checkpoint_name_map", "--checkpoint-name-map", action="append", default=[])
     features.add_argument("--endpoint", required=True, help="end point name, e.g. resnet_v1_50/block4")
@@ -281,9 +282,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise
         print(f"slimtune: error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("slimtune: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as interrupted:
+        # 128 + the signal number, as a shell reports a process ended by it (130 for Ctrl-C,
+        # 143 for SIGTERM); training has already said where it saved.
+        signum = getattr(interrupted, "signum", 2)
+        if signum == 2 and not hasattr(interrupted, "signum"):
+            print("slimtune: interrupted", file=sys.stderr)
+        return 128 + signum
 
 
 if __name__ == "__main__":

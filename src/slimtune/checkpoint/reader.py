@@ -23,7 +23,6 @@ _WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".npy", ".npz")
 # When the bytes match no known magic, the extension picks the parser, so that a damaged file
 # gets that parser's specific complaint instead of "unrecognised".
 _SUFFIX_FORMATS = {".safetensors": "safetensors", ".pth": "torch", ".pt": "torch", ".npy": "numpy", ".npz": "numpy"}
-_STATE_LINE = re.compile(r'^\s*model_checkpoint_path\s*:\s*"((?:[^"\\]|\\.)*)"\s*$', re.MULTILINE)
 
 
 def read_checkpoint(path: str | os.PathLike, *, verify_checksums: bool = True) -> CheckpointReader:
@@ -90,11 +89,13 @@ def sniff_format(path: Path) -> str | None:
 
 def _resolve_directory(directory: Path) -> Path:
     """Pick the checkpoint a directory means: the `checkpoint` state file's latest, else the only one."""
-    state = directory / "checkpoint"
+    from slimtune.checkpoint.state_file import STATE_FILENAME, read_state_file
+
+    state = directory / STATE_FILENAME
     if state.is_file():
-        match = _STATE_LINE.search(state.read_text(errors="replace"))
-        if match:
-            named = Path(re.sub(r"\\(.)", r"\1", match.group(1)))
+        latest = read_state_file(state).model_checkpoint_path
+        if latest:
+            named = Path(latest)
             for candidate in (named if named.is_absolute() else directory / named, directory / named.name):
                 if candidate.is_file() or Path(f"{candidate}.index").is_file():
                     return candidate
@@ -120,7 +121,8 @@ def list_checkpoints(directory: Path) -> list[Path]:
         name = entry.name
         if name.endswith(".index"):
             found[name[: -len(".index")]] = entry.with_name(name[: -len(".index")])
-        elif re.search(r"\.data-\d{5}-of-\d{5}$", name) or name.endswith(".meta") or name == "checkpoint":
+        elif (re.search(r"\.data-\d{5}-of-\d{5}$", name) or name.endswith((".meta", ".state.pt", ".tmp"))
+              or name == "checkpoint"):  # a run's training state and unfinished writes hold no weights
             continue
         elif name.endswith(_WEIGHT_SUFFIXES):
             found[name] = entry

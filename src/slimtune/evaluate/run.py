@@ -23,8 +23,8 @@ from ..data.loader import build_loader
 from ..errors import CheckpointError, ConfigError
 from ..nets.registry import ModelSpec, get_model_spec
 from ..preprocessing import get_preprocessing
-from ..train import checkpoints as ckpt
-from ..train.runtime import default_num_workers, pick_device
+from ..checkpoint import train_dir as ckpt
+from ..runtime import default_num_workers, pick_device
 from .metrics import MultiLabelAccumulator, SingleLabelAccumulator, to_jsonable
 
 log = logging.getLogger("slimtune.eval")
@@ -99,11 +99,15 @@ def _describe(source: Any, index: int) -> str:
 def load_for_eval(checkpoint_path: str | Path, model_name: Optional[str], num_classes: Optional[int],
                   device: torch.device) -> tuple[nn.Module, ModelSpec, dict[str, str], Path]:
     """Build the network recorded in (or named for) a checkpoint and load its weights."""
+    if not Path(checkpoint_path).exists() and not Path(f"{checkpoint_path}.index").exists():
+        raise CheckpointError(f"checkpoint not found: {checkpoint_path}")
     weights = ckpt.resolve_weights(checkpoint_path) if Path(checkpoint_path).is_dir() else Path(checkpoint_path)
     meta: dict[str, str] = {}
     if weights.suffix == ".safetensors" and weights.is_file():
         meta = ckpt.read_metadata(weights)
-    name = model_name or meta.get("model_name")
+    # "model" is how the run named its net (a registered name, file.py:fn or module:fn), rebuildable
+    # from here; "model_name" alone was recorded by older runs.
+    name = model_name or meta.get("model") or meta.get("model_name")
     if not name:
         raise ConfigError(f"{weights} does not record its network: pass --model_name")
     spec = get_model_spec(name)
@@ -120,6 +124,8 @@ def load_for_eval(checkpoint_path: str | Path, model_name: Optional[str], num_cl
 
         model = spec.build(classes if classes is not None else spec.checkpoint_num_classes)
         restore(model, str(checkpoint_path))
+    if not isinstance(getattr(model, "num_classes", None), int) and classes is not None:
+        model.num_classes = classes  # a custom net need not carry it; the checkpoint does
     return model.to(device).eval(), spec, meta, weights
 
 
