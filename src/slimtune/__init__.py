@@ -9,7 +9,7 @@ Imports flow one way, bottom to top (tests/test_layering.py checks it, lazy impo
     1  config, runtime (device, DDP, seeding), checkpoint (readers, restore, run checkpoints in a
        train_dir), data, preprocessing
     2  nets
-    3  evaluate, train (which may evaluate during training), predict, features
+    3  evaluate, train (which may evaluate during training), predict, features, probe
     4  demo, cli
 A module imports its own tier and those below, never above, and the packages form no cycle.
 """

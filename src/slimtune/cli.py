@@ -122,7 +122,7 @@ def _comma_list(text: str) -> list[str]:
 def _cmd_probe(args: argparse.Namespace) -> int:
     from .errors import ConfigError
     from .probe import run_probe
-    from .train.runtime import pick_device
+    from .runtime import pick_device
 
     try:
         rates = [float(rate) for rate in _comma_list(args.learning_rates)]
