@@ -231,14 +231,72 @@ class TorchReader(CheckpointReader):
 # ---------------------------------------------------------------------------------------------
 # numpy
 # ---------------------------------------------------------------------------------------------
+# What a numpy pickle of arrays needs. `numpy.ndarray` itself is not here: called directly it
+# hands out uninitialised memory of any size. Arrays come only from `_reconstruct` followed by
+# the BUILD that fills them from the file's bytes (see _PendingArray), or from `_frombuffer`.
 _SAFE_GLOBALS = {
     ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
     ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
     ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
-    ("numpy", "ndarray"), ("numpy", "dtype"),
+    ("numpy", "dtype"),
     ("collections", "OrderedDict"),
     ("_codecs", "encode"),   # how Python 2 pickles carried bytes; harmless
 }
+
+
+class _NdarrayToken:
+    """Stands for `numpy.ndarray` in a pickle: calling it is an error, not an allocation."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise CheckpointError("refusing to unpickle numpy.ndarray(...): it allocates memory the file does not fill")
+
+
+_NDARRAY_TOKEN = _NdarrayToken()
+
+
+class _PendingArray:
+    """What `_reconstruct` returns: an array whose shape, dtype and bytes all come from the
+    pickle's BUILD state, checked against each other; one never built is refused."""
+
+    __slots__ = ("array",)
+
+    def __init__(self) -> None:
+        self.array: np.ndarray | None = None
+
+    def __setstate__(self, state: Any) -> None:
+        if not isinstance(state, tuple) or len(state) not in (4, 5):
+            raise CheckpointError("pickled array has a malformed state")
+        _, shape, dtype, fortran, data = state if len(state) == 5 else (1, *state)
+        if not isinstance(dtype, np.dtype) or not isinstance(shape, tuple) \
+                or not all(type(d) is int and d >= 0 for d in shape):
+            raise CheckpointError("pickled array has a malformed shape or dtype")
+        count = numel(shape)
+        order = "F" if fortran else "C"
+        if dtype.hasobject:
+            if not isinstance(data, list) or len(data) != count:
+                raise CheckpointError(f"pickled object array of shape {shape} holds "
+                                      f"{len(data) if isinstance(data, list) else 'no'} items")
+            array = np.empty(count, dtype=object)
+            array[:] = data
+            self.array = array.reshape(shape, order=order)
+            return
+        if isinstance(data, str):
+            data = data.encode("latin1")   # Python 2 pickles carry the bytes as a latin-1 str
+        if not isinstance(data, (bytes, bytearray)) or len(data) != count * dtype.itemsize:
+            size = len(data) if isinstance(data, (bytes, bytearray, str)) else "no"
+            raise CheckpointError(f"pickled array of shape {shape} and dtype {dtype} comes with {size} "
+                                  f"bytes, not {count * dtype.itemsize}")
+        self.array = np.frombuffer(bytes(data), dtype=dtype, count=count).reshape(shape, order=order).copy(
+            order=order)
+
+
+def _resolve_pending(value: Any) -> Any:
+    """Replace every built _PendingArray by its array (refusing unbuilt ones)."""
+    if isinstance(value, _PendingArray):
+        if value.array is None:
+            raise CheckpointError("pickled array has no data (it was never filled from the file)")
+        return value.array
+    return value
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
@@ -249,24 +307,49 @@ class _RestrictedUnpickler(pickle.Unpickler):
         self._max_bytes = max_bytes
 
     def find_class(self, module: str, name: str) -> Any:
-        if name == "_reconstruct" and (module, name) in _SAFE_GLOBALS:
-            return self._reconstruct
-        if (module, name) in _SAFE_GLOBALS or (module.startswith("numpy.dtypes") and name.endswith("DType")):
+        if (module, name) in _SAFE_GLOBALS:
+            if name == "_reconstruct":
+                return self._reconstruct
+            if name == "scalar":
+                return self._scalar
+            if name == "_frombuffer":
+                return self._frombuffer
+            return super().find_class(module, name)
+        if (module, name) == ("numpy", "ndarray"):
+            return _NDARRAY_TOKEN   # only ever an argument of _reconstruct, never called
+        if module.startswith("numpy.dtypes") and name.endswith("DType"):
             return super().find_class(module, name)
         raise CheckpointError(f"refusing to unpickle {module}.{name}: only numpy arrays are allowed in a weights .npy")
 
     def persistent_load(self, pid: Any) -> Any:
         raise CheckpointError("refusing a pickle with persistent references in a weights .npy")
 
-    def _reconstruct(self, cls: Any, shape: Any, dtype: Any) -> np.ndarray:
-        # numpy pickles call this with shape (0,) and fill the data in later; a bigger shape
-        # would only make us allocate memory the file cannot back.
-        if cls is not np.ndarray:
+    @staticmethod
+    def _reconstruct(cls: Any, shape: Any, dtype: Any) -> _PendingArray:
+        # numpy pickles call this with shape (0,) and fill in shape, dtype and data by BUILD.
+        if cls is not _NDARRAY_TOKEN:
             raise CheckpointError("refusing to rebuild an ndarray subclass from a weights .npy")
-        count = numel(tuple(int(d) for d in shape))
-        if count > self._max_bytes:
-            raise CheckpointError(f"pickled array claims {count} elements, more than the file could hold")
-        return np.ndarray(tuple(shape), dtype=dtype)
+        return _PendingArray()
+
+    @staticmethod
+    def _scalar(dtype: Any, data: Any = None) -> Any:
+        if not isinstance(dtype, np.dtype) or dtype.hasobject:
+            raise CheckpointError("pickled scalar is not a plain numpy number")
+        if isinstance(data, str):
+            data = data.encode("latin1")
+        if not isinstance(data, (bytes, bytearray)) or len(data) != dtype.itemsize:
+            raise CheckpointError(f"pickled {dtype} scalar does not come with {dtype.itemsize} bytes")
+        return np.frombuffer(bytes(data), dtype=dtype, count=1)[0]
+
+    @staticmethod
+    def _frombuffer(buffer: Any, dtype: Any, shape: Any, order: Any) -> np.ndarray:
+        if not isinstance(dtype, np.dtype) or dtype.hasobject or not isinstance(shape, tuple) \
+                or not all(type(d) is int and d >= 0 for d in shape):
+            raise CheckpointError("pickled buffer array has a malformed shape or dtype")
+        data = bytes(buffer)
+        if len(data) != numel(shape) * dtype.itemsize:
+            raise CheckpointError(f"pickled buffer array of shape {shape} comes with {len(data)} bytes")
+        return np.frombuffer(data, dtype=dtype).reshape(shape, order="F" if order == "F" else "C").copy()
 
 
 class _BoundedFile(io.RawIOBase):
@@ -304,6 +387,10 @@ def _read_npy_header(handle: BinaryIO) -> tuple[tuple[int, ...], np.dtype]:
 
 
 def _flatten(prefix: str, value: Any, out: dict[str, np.ndarray], path: Path) -> None:
+    try:
+        value = _resolve_pending(value)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path}: {prefix!r}: {exc}") from None
     if isinstance(value, Mapping):
         for key, item in value.items():
             key = key.decode("utf-8", "backslashreplace") if isinstance(key, bytes) else str(key)
@@ -384,6 +471,10 @@ class NumpyReader(CheckpointReader):
                 raise CheckpointError(f"{path}: {exc}") from None
             except Exception as exc:  # any malformed pickle: truncated, bad opcode, bad reduce args
                 raise CheckpointError(f"{path}: corrupt pickled dict ({type(exc).__name__}: {exc})") from None
+        try:
+            obj = _resolve_pending(obj)
+        except CheckpointError as exc:
+            raise CheckpointError(f"{path}: {exc}") from None
         if isinstance(obj, np.ndarray) and obj.shape == ():
             obj = obj.item()
         if not isinstance(obj, Mapping):

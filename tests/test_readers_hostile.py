@@ -1,0 +1,91 @@
+"""Crafted hostile files for the non-TF weight readers and the data readers (issue 11).
+
+Each case is one reproduced failure: the reader must give exact values, slimtune's own error in
+one line, or a counted skip; never a traceback, never silently different values.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import struct
+import zipfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from slimtune.checkpoint import read_checkpoint
+from slimtune.errors import CheckpointError, DataError, SlimtuneError
+
+
+def fails(path: Path, match: str | None = None, error: type = CheckpointError) -> str:
+    with pytest.raises(error, match=match) as caught:
+        reader = read_checkpoint(path)
+        for name in reader:
+            reader[name]
+    message = str(caught.value)
+    assert "\n" not in message
+    return message
+
+
+def npy_with_pickle(path: Path, body: bytes) -> None:
+    header = np.lib.format.header_data_from_array_1_0(np.empty((), dtype=object))
+    with open(path, "wb") as out:
+        np.lib.format.write_array_header_1_0(out, header)
+        out.write(body)
+
+
+# -- item 1: .npy pickles only rebuild arrays whose bytes come from the file -------------------
+class _Reduce:
+    """Pickles as an arbitrary (callable, args[, state]) triple."""
+
+    def __init__(self, *reduced):
+        self.reduced = reduced
+
+    def __reduce__(self):
+        return self.reduced
+
+
+def test_npy_pickle_cannot_call_ndarray_for_uninitialised_memory(tmp_path: Path) -> None:
+    # numpy.ndarray(shape, dtype) hands out uninitialised memory of any size (1 GiB here, from ~300 bytes).
+    body = pickle.dumps({"w": _Reduce(np.ndarray, ((1 << 28,), np.dtype("<f4")))}, protocol=2)
+    npy_with_pickle(tmp_path / "alloc.npy", body)
+    assert (tmp_path / "alloc.npy").stat().st_size < 400
+    fails(tmp_path / "alloc.npy", "refusing to unpickle numpy.ndarray")
+
+
+def test_npy_pickle_reconstruct_without_data_is_refused(tmp_path: Path) -> None:
+    # _reconstruct with a shape and no BUILD: memory the file never filled.
+    body = pickle.dumps({"w": _Reduce(np._core.multiarray._reconstruct, (np.ndarray, (64,), b"b"))}, protocol=2)
+    npy_with_pickle(tmp_path / "nodata.npy", body)
+    fails(tmp_path / "nodata.npy", "no data|claims")
+
+
+def test_npy_pickle_state_larger_than_its_bytes(tmp_path: Path) -> None:
+    state = (1, (1 << 30,), np.dtype("<f4"), False, b"\0" * 16)
+    body = pickle.dumps({"w": _Reduce(np._core.multiarray._reconstruct, (np.ndarray, (0,), b"b"), state)},
+                        protocol=2)
+    npy_with_pickle(tmp_path / "short.npy", body)
+    fails(tmp_path / "short.npy", "bytes")
+
+
+def test_npy_pickle_scalar_with_wrong_length(tmp_path: Path) -> None:
+    body = pickle.dumps({"w": _Reduce(np._core.multiarray.scalar, (np.dtype("<f8"), b"\0" * 3))}, protocol=2)
+    npy_with_pickle(tmp_path / "scalar.npy", body)
+    fails(tmp_path / "scalar.npy")
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_npy_pickle_good_dicts_read_exactly(tmp_path: Path, protocol: int) -> None:
+    rng = np.random.default_rng(0)
+    arrays = {"a": rng.standard_normal((3, 4)).astype(np.float32), "b": np.arange(5, dtype=np.int64),
+              "c": np.float64(2.5), "d": np.asfortranarray(rng.standard_normal((2, 3)))}
+    npy_with_pickle(tmp_path / "good.npy", pickle.dumps({"net": arrays}, protocol=protocol))
+    with read_checkpoint(tmp_path / "good.npy") as reader:
+        assert sorted(reader) == ["net/a", "net/b", "net/c", "net/d"]
+        for key, value in arrays.items():
+            np.testing.assert_array_equal(reader[f"net/{key}"], value)
+            assert reader[f"net/{key}"].dtype == np.asarray(value).dtype
