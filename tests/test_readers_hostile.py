@@ -89,3 +89,52 @@ def test_npy_pickle_good_dicts_read_exactly(tmp_path: Path, protocol: int) -> No
         for key, value in arrays.items():
             np.testing.assert_array_equal(reader[f"net/{key}"], value)
             assert reader[f"net/{key}"].dtype == np.asarray(value).dtype
+
+
+# -- item 3 / 7: safetensors as strict as the reference library --------------------------------
+def safetensors_bytes(header: bytes | dict, data: bytes) -> bytes:
+    encoded = header if isinstance(header, bytes) else json.dumps(header).encode()
+    return struct.pack("<Q", len(encoded)) + encoded + data
+
+
+F32_12 = np.array([1.0, 2.0], np.float32).tobytes()
+
+
+@pytest.mark.parametrize("case, header, data, match", [
+    ("extra bytes after the data", {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}},
+     F32_12 + b"\0\0\0\0", "cover|covered"),
+    ("gap before a tensor", {"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, F32_12, "gap|cover|offset"),
+    ("overlapping tensors", {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                             "b": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, F32_12, "overlap|offset"),
+    ("duplicate key", b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},'
+                      b'"a":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}', F32_12, "duplicate|offset"),
+    ("data but no tensors", {}, b"abcd", "cover"),
+    ("deep nesting", b"{\"__metadata__\":" + b"[" * 100000 + b"]" * 100000 + b"}", b"", None),
+    ("huge integer", b'{"a":{"dtype":"F32","shape":[' + b"9" * 5000 + b'],"data_offsets":[0,4]}}', F32_12, None),
+    ("huge offset", b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,' + b"9" * 30 + b']}}', F32_12, None),
+    ("metadata not strings", {"__metadata__": {"x": 1}, "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}},
+     F32_12, None),
+])
+def test_safetensors_refused_as_the_reference_library_refuses(tmp_path: Path, case, header, data, match) -> None:
+    from safetensors.numpy import load_file
+
+    path = tmp_path / "w.safetensors"
+    path.write_bytes(safetensors_bytes(header, data))
+    with pytest.raises(Exception):
+        load_file(path)            # the reference refuses these files ...
+    fails(path, match)             # ... and so do we, in one line of our own error
+
+
+def test_safetensors_values_match_the_reference_library(tmp_path: Path) -> None:
+    from safetensors.numpy import load_file, save_file
+
+    rng = np.random.default_rng(1)
+    tensors = {"w": rng.standard_normal((3, 5)).astype(np.float32), "b": np.arange(7, dtype=np.int16),
+               "e": np.zeros((0, 4), np.float64), "m": rng.integers(0, 255, (2, 2, 2)).astype(np.uint8)}
+    save_file(tensors, tmp_path / "w.safetensors", metadata={"k": "v"})
+    expected = load_file(tmp_path / "w.safetensors")
+    with read_checkpoint(tmp_path / "w.safetensors") as reader:
+        assert sorted(reader) == sorted(expected)
+        for name, value in expected.items():
+            assert reader[name].dtype == value.dtype and reader[name].shape == value.shape
+            np.testing.assert_array_equal(reader[name], value)

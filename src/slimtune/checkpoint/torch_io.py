@@ -75,15 +75,17 @@ class SafetensorsReader(CheckpointReader):
         if header_size > min(file_size - 8, MAX_SAFETENSORS_HEADER):
             raise CheckpointError(f"{path}: safetensors header claims {header_size} bytes, more than the file holds")
         try:
-            header = json.loads(os.pread(self._fd, header_size, 8))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            header = json.loads(os.pread(self._fd, header_size, 8), object_pairs_hook=_no_duplicate_keys)
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:   # ValueError: JSON and huge ints
             raise CheckpointError(f"{path}: safetensors header is not valid JSON ({exc})") from None
         if not isinstance(header, dict):
             raise CheckpointError(f"{path}: safetensors header is not a JSON object")
         data_start = 8 + header_size
         data_size = file_size - data_start
         metadata = header.pop("__metadata__", None) or {}
-        infos, offsets = {}, {}
+        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+            raise CheckpointError(f"{path}: safetensors __metadata__ must map names to strings")
+        infos, offsets, spans = {}, {}, []
         for name, spec in header.items():
             try:
                 code, shape, (begin, end) = spec["dtype"], tuple(spec["shape"]), spec["data_offsets"]
@@ -106,7 +108,19 @@ class SafetensorsReader(CheckpointReader):
                     f"{path}: {name} has data offsets [{begin}, {end}) that do not fit its shape or the file")
             infos[name] = TensorInfo(shape, dtype, end - begin)
             offsets[name] = data_start + begin
-        return infos, offsets, metadata if isinstance(metadata, dict) else {}
+            spans.append((begin, end, name))
+        # As the reference library: the tensors tile the data region exactly, in offset order.
+        covered = 0
+        for begin, end, name in sorted(spans):
+            if begin != covered:
+                problem = "overlaps the previous tensor" if begin < covered else f"leaves a gap at byte {covered}"
+                raise CheckpointError(f"{path}: {name} at data offsets [{begin}, {end}) {problem}")
+            covered = end
+        if covered != data_size:
+            raise CheckpointError(f"{path}: the tensors cover {covered} of the {data_size} data bytes "
+                                  "(the file is not fully covered: extra or missing bytes)")
+        _reference_check(path)   # a second opinion: anything the reference library refuses, we refuse
+        return infos, offsets, metadata
 
     def _read_raw(self, name: str) -> np.ndarray:
         info = self._infos[name]
@@ -120,6 +134,34 @@ class SafetensorsReader(CheckpointReader):
             os.close(self._fd)
             self._fd = -1
         super().close()
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json object hook: a key given twice is an error (which one would count is a guess)."""
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise ValueError(f"duplicate key {key!r}")
+        result[key] = value
+    return result
+
+
+def _reference_check(path: Path) -> None:
+    """Let the `safetensors` library validate the header too: whatever it refuses, we refuse.
+
+    It only parses the header and maps the file (no tensor is read), so this costs little; the
+    reads themselves stay ours (pread into fresh arrays, no mapping kept).
+    """
+    try:
+        from safetensors import safe_open
+    except ImportError:   # pragma: no cover - a hard dependency; our own checks still apply
+        return
+    try:
+        with safe_open(str(path), framework="numpy"):
+            pass
+    except Exception as exc:   # SafetensorError, OSError, ...: the library's own reason
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: not a valid safetensors file ({reason[:300]})") from None
 
 
 def write_safetensors(
