@@ -49,7 +49,7 @@ def read_checkpoint(path: str | os.PathLike, *, verify_checksums: bool = True) -
     if kind == "torch":
         from slimtune.checkpoint.torch_io import TorchReader
 
-        return TorchReader(target)
+        return TorchReader(target, verify_checksums=verify_checksums)
     if kind == "numpy":
         from slimtune.checkpoint.torch_io import NumpyReader
 

@@ -13,6 +13,7 @@ import os
 import pickle
 import struct
 import zipfile
+import zlib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -214,15 +215,114 @@ _TORCH_DTYPES = {
 _WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module")
 
 
+# Bytes per element of the storage classes torch.save names in a checkpoint's persistent ids.
+_STORAGE_ITEMSIZE = {
+    "DoubleStorage": 8, "FloatStorage": 4, "HalfStorage": 2, "BFloat16Storage": 2,
+    "LongStorage": 8, "IntStorage": 4, "ShortStorage": 2, "CharStorage": 1, "ByteStorage": 1,
+    "BoolStorage": 1, "ComplexFloatStorage": 8, "ComplexDoubleStorage": 16,
+    "UInt16Storage": 2, "UInt32Storage": 4, "UInt64Storage": 8, "UntypedStorage": 1,
+}
+# A deflated member expands at most ~1032x; data.pkl is metadata, so this also bounds its read.
+_MAX_DEFLATE_RATIO = 1032
+
+
+class _Placeholder:
+    """Stands for any global in a dry-run unpickling of data.pkl: accepts anything, runs nothing."""
+
+    def __init__(self, name: str = "", *args: Any, **kwargs: Any) -> None:
+        self.name = name
+
+    def __call__(self, *args: Any, **kwargs: Any) -> "_Placeholder":
+        return _Placeholder()
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        pass
+
+    def append(self, value: Any) -> None:
+        pass
+
+    def extend(self, values: Any) -> None:
+        pass
+
+
+class _StorageLister(pickle.Unpickler):
+    """Unpickles data.pkl without building anything, only to list (key, storage type, numel)."""
+
+    def __init__(self, file: Any) -> None:
+        super().__init__(file)
+        self.storages: list[tuple[str, str, int]] = []
+
+    def find_class(self, module: str, name: str) -> Any:
+        return _Placeholder(name)
+
+    def persistent_load(self, pid: Any) -> Any:
+        if isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage":
+            _, kind, key, _, count = pid
+            self.storages.append((str(key), getattr(kind, "name", ""), count))
+        return _Placeholder()
+
+
+def _check_torch_zip(path: Path, verify_crc: bool = True) -> None:
+    """What torch.load(mmap=True) leaves unchecked: every member's CRC-32, and each storage
+    record's size against the tensor data the pickle says it holds."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = archive.infolist()
+            for member in members:
+                if member.compress_type != zipfile.ZIP_STORED \
+                        and member.file_size > _MAX_DEFLATE_RATIO * member.compress_size + 4096:
+                    raise CheckpointError(f"{path}: zip member {member.filename} claims an impossible size")
+                if verify_crc:
+                    with archive.open(member) as stream:   # zipfile checks the CRC-32 at the end
+                        while stream.read(1 << 22):
+                            pass
+            pickles = [m for m in members if m.filename == "data.pkl" or m.filename.endswith("/data.pkl")]
+            if len(pickles) != 1:
+                return   # not torch's layout: torch.load says what is wrong
+            prefix = pickles[0].filename[: -len("data.pkl")]
+            lister = _StorageLister(io.BytesIO(archive.read(pickles[0])))
+            try:
+                lister.load()
+            except Exception as exc:  # torch.load will name the problem; nothing here was run
+                raise CheckpointError(f"{path}: data.pkl is not a readable pickle "
+                                      f"({type(exc).__name__}: {str(exc)[:200]})") from None
+            sizes = {m.filename: m.file_size for m in members}
+            for key, kind, count in lister.storages:
+                record = f"{prefix}data/{key}"
+                itemsize = _STORAGE_ITEMSIZE.get(kind)
+                if record not in sizes:
+                    raise CheckpointError(f"{path}: storage record {record} is missing")
+                if itemsize is None or type(count) is not int or count < 0:
+                    continue   # a storage type we do not know: torch.load decides
+                if sizes[record] != count * itemsize:
+                    raise CheckpointError(f"{path}: storage record {record} holds {sizes[record]} bytes, "
+                                          f"its tensor data needs {count * itemsize}")
+    except CheckpointError:
+        raise
+    except zipfile.BadZipFile as exc:
+        raise CheckpointError(f"{path}: corrupt zip archive ({exc})") from None
+    except (OSError, EOFError, zlib.error, NotImplementedError, RuntimeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: cannot read the zip archive ({type(exc).__name__}: {exc})") from None
+
+
 class TorchReader(CheckpointReader):
-    """A torch state_dict file; zip-format files are memory-mapped, so loading is lazy."""
+    """A torch state_dict file; zip-format files are memory-mapped, so loading is lazy.
+
+    Zip members are CRC-checked and storage records sized against their tensors first
+    (`verify_checksums=False` skips the CRC pass, not the size check).
+    """
 
     format = "torch"
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, verify_checksums: bool = True) -> None:
         import torch
 
         path = Path(path)
+        if zipfile.is_zipfile(path):
+            _check_torch_zip(path, verify_crc=verify_checksums)
         try:
             loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
         except Exception as exc:   # torch raises many types for hostile or foreign files
