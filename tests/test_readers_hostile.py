@@ -181,3 +181,72 @@ def test_pth_good_file_reads_exactly(tmp_path: Path) -> None:
     with read_checkpoint(tmp_path / "good.pth") as reader:
         for name, tensor in state.items():
             np.testing.assert_array_equal(reader[name], tensor.numpy())
+
+
+# -- item 4 / 7: npz central directory cross-checked; zlib and zip-version errors in one line ----
+def _npz(path: Path, compressed: bool = False, size: int = 64) -> dict:
+    arrays = {"a": np.arange(size, dtype=np.float32), "b": np.full((3, 3), 7, np.int64)}
+    (np.savez_compressed if compressed else np.savez)(path, **arrays)
+    return arrays
+
+
+def _drop_first_central_entry(data: bytes) -> bytes:
+    eocd = data.rindex(b"PK\x05\x06")
+    (disk, cd_disk, count_here, count, cd_size, cd_offset, comment) = struct.unpack(
+        "<4H2LH", data[eocd + 4:eocd + 22])
+    first = cd_offset
+    name_len, extra_len, comment_len = struct.unpack("<3H", data[first + 28:first + 34])
+    entry = 46 + name_len + extra_len + comment_len
+    new_eocd = data[eocd:eocd + 4] + struct.pack("<4H2LH", disk, cd_disk, count_here - 1, count - 1,
+                                                 cd_size - entry, cd_offset + entry, comment)
+    return data[:eocd] + new_eocd + data[eocd + 22:]
+
+
+def test_npz_with_a_dropped_central_entry_is_refused(tmp_path: Path) -> None:
+    _npz(tmp_path / "good.npz")
+    damaged = _drop_first_central_entry((tmp_path / "good.npz").read_bytes())
+    (tmp_path / "dropped.npz").write_bytes(damaged)
+    with zipfile.ZipFile(tmp_path / "dropped.npz") as archive:
+        assert archive.namelist() == ["b.npy"]     # zipfile alone silently lists one array
+    fails(tmp_path / "dropped.npz", "central directory")
+
+
+def _set_method(data: bytes, method: int, version: int | None = None) -> bytes:
+    data = bytearray(data)
+    for signature, method_at, version_at in ((b"PK\x03\x04", 8, 4), (b"PK\x01\x02", 10, 6)):
+        start = 0
+        while (start := data.find(signature, start)) >= 0:
+            data[start + method_at:start + method_at + 2] = struct.pack("<H", method)
+            if version is not None:
+                data[start + version_at:start + version_at + 2] = struct.pack("<H", version)
+            start += 4
+    return bytes(data)
+
+
+@pytest.mark.parametrize("case", ["zlib", "method", "version", "flip"])
+def test_npz_decompression_errors_are_one_line(tmp_path: Path, case: str) -> None:
+    _npz(tmp_path / "good.npz", compressed=case == "zlib", size=1 << 16)
+    data = (tmp_path / "good.npz").read_bytes()
+    if case == "zlib":
+        with zipfile.ZipFile(tmp_path / "good.npz") as archive:
+            info = archive.getinfo("a.npy")
+        start = info.header_offset + 30 + len(info.filename) + len(info.extra) + 200
+        data = data[:start] + bytes(64) + data[start + 64:]
+    elif case == "method":
+        data = _set_method(data, 97)
+    elif case == "version":
+        data = _set_method(data, 0, version=99)
+    else:   # a data byte deep in a stored member: only the member's CRC-32 can see it
+        pos = data.index(np.arange(1000, 1004, dtype=np.float32).tobytes())
+        data = data[:pos] + bytes([data[pos] ^ 1]) + data[pos + 1:]
+    (tmp_path / "bad.npz").write_bytes(data)
+    fails(tmp_path / "bad.npz")
+
+
+def test_npz_good_file_reads_exactly(tmp_path: Path) -> None:
+    for compressed in (False, True):
+        arrays = _npz(tmp_path / f"good{compressed}.npz", compressed=compressed, size=5000)
+        with read_checkpoint(tmp_path / f"good{compressed}.npz") as reader:
+            assert sorted(reader) == sorted(arrays)
+            for name, value in arrays.items():
+                np.testing.assert_array_equal(reader[name], value)

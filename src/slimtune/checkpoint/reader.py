@@ -74,8 +74,8 @@ def sniff_format(path: Path) -> str | None:
         try:
             with zipfile.ZipFile(path) as archive:
                 names = archive.namelist()
-        except (zipfile.BadZipFile, OSError):
-            return None
+        except (zipfile.BadZipFile, OSError, NotImplementedError, ValueError, EOFError):
+            return None   # the extension's parser says what is wrong
         if any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
             return "torch"
         if names and all(n.endswith(".npy") for n in names):

@@ -12,6 +12,7 @@ import json
 import os
 import pickle
 import struct
+import tokenize
 import zipfile
 import zlib
 from collections.abc import Iterable, Mapping
@@ -519,6 +520,46 @@ class _BoundedFile(io.RawIOBase):
         return self._handle.readline(remaining if size is None or size < 0 else min(size, remaining))
 
 
+_ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, NotImplementedError, RuntimeError, ValueError, SyntaxError,
+               OSError, EOFError, TypeError, struct.error, OverflowError, MemoryError, tokenize.TokenError)
+
+
+def _read_npy_header_full(handle: BinaryIO) -> tuple[tuple[int, ...], np.dtype, bool]:
+    version = np.lib.format.read_magic(handle)
+    if version == (1, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(handle)
+    else:
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(handle)
+    return tuple(shape), dtype, bool(fortran)
+
+
+def _check_zip_layout(archive: zipfile.ZipFile, path: Path) -> None:
+    """Cross-check the central directory against the local headers: members must tile the file
+    from its first byte to the central directory, so an entry dropped from a damaged central
+    directory shows up as bytes nobody accounts for instead of silently vanishing."""
+    members = sorted(archive.infolist(), key=lambda m: m.header_offset)
+    handle = archive.fp
+    position = 0
+    for member in members:
+        if member.header_offset != position:
+            raise CheckpointError(f"{path}: damaged zip central directory: bytes {position}..{member.header_offset} "
+                                  "belong to no listed member (an entry may have been dropped)")
+        handle.seek(member.header_offset)
+        local = handle.read(30)
+        if len(local) < 30 or local[:4] != b"PK\x03\x04":
+            raise CheckpointError(f"{path}: damaged zip: no local header for {member.filename}")
+        name_length, extra_length = struct.unpack("<2H", local[26:30])
+        position = member.header_offset + 30 + name_length + extra_length + member.compress_size
+        if member.flag_bits & 0x08:   # a data descriptor follows the data
+            handle.seek(position)
+            descriptor = handle.read(4)
+            position += (4 if descriptor == b"PK\x07\x08" else 0) + \
+                (20 if member.file_size >= 0xFFFFFFFF or member.compress_size >= 0xFFFFFFFF else 12)
+    if position != archive.start_dir:
+        raise CheckpointError(f"{path}: damaged zip central directory: bytes {position}..{archive.start_dir} "
+                              "belong to no listed member (an entry may have been dropped)")
+
+
 def _read_npy_header(handle: BinaryIO) -> tuple[tuple[int, ...], np.dtype]:
     version = np.lib.format.read_magic(handle)
     if version == (1, 0):
@@ -626,52 +667,82 @@ class NumpyReader(CheckpointReader):
 
     def _open_npz(self, path: Path) -> dict[str, TensorInfo]:
         infos = {}
+        self._members: dict[str, tuple[zipfile.ZipInfo, bool]] = {}
         try:
-            with zipfile.ZipFile(path) as archive:
-                members = archive.infolist()
-                headers = []
-                for member in members:
-                    if not member.filename.endswith(".npy"):
-                        raise CheckpointError(f"{path}: zip member {member.filename} is not a .npy array")
-                    with archive.open(member) as stream:
-                        headers.append((member.filename[: -len(".npy")], *_read_npy_header(stream)))
-            for (name, shape, dtype), member in zip(headers, members):
+            archive = zipfile.ZipFile(path)
+        except _ZIP_ERRORS as exc:
+            raise CheckpointError(f"{path}: not a valid .npz archive ({exc})") from None
+        try:
+            members = archive.infolist()
+            _check_zip_layout(archive, path)
+            for member in members:
+                if not member.filename.endswith(".npy"):
+                    raise CheckpointError(f"{path}: zip member {member.filename} is not a .npy array")
+                name = member.filename[: -len(".npy")]
+                with archive.open(member) as stream:
+                    shape, dtype, fortran = _read_npy_header_full(stream)
                 # numpy allocates the whole array before reading a member, so the declared shape
                 # must be backed by the member's size, itself bounded by deflate's ~1032x ratio.
                 ratio_bound = member.compress_size if member.compress_type == zipfile.ZIP_STORED \
-                    else 1032 * member.compress_size + 4096
+                    else _MAX_DEFLATE_RATIO * member.compress_size + 4096
                 if numel(shape) * dtype.itemsize > min(member.file_size, ratio_bound):
                     raise CheckpointError(f"{path}: {name} declares more data than its archive member holds")
                 if dtype.kind == "O":
                     raise CheckpointError(
                         f"{path}: {name} is a pickled object array; .npz weights must be plain arrays")
-                if _numpy_dtype_name(dtype) is None:
-                    raise CheckpointError(f"{path}: {name} has numpy dtype {dtype}, which is not supported")
                 dtype_name = _numpy_dtype_name(dtype)
-                size = numel(shape) * dtype.itemsize
-                infos[name] = TensorInfo(tuple(shape), dtype_name, size)
-            self._npz = np.load(path, allow_pickle=False)
+                if dtype_name is None:
+                    raise CheckpointError(f"{path}: {name} has numpy dtype {dtype}, which is not supported")
+                infos[name] = TensorInfo(tuple(shape), dtype_name, numel(shape) * dtype.itemsize)
+                self._members[name] = (member, fortran)
         except CheckpointError:
+            archive.close()
             raise
-        except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
-            raise CheckpointError(f"{path}: not a valid .npz archive ({exc})") from None
+        except _ZIP_ERRORS as exc:
+            archive.close()
+            raise CheckpointError(f"{path}: not a valid .npz archive ({type(exc).__name__}: "
+                                  f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''})") from None
+        self._npz = archive
         return infos
 
     def _read_raw(self, name: str) -> np.ndarray:
         if self._npz is None:
             # The dict was unpickled whole; hand out the array itself rather than hold it twice.
             return self._arrays[name]
+        member, fortran = self._members[name]
+        info = self._infos[name]
         try:
-            array = self._npz[name]
-        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
-            raise CheckpointError(f"{self.path}: cannot read {name} ({exc})") from None
-        return _as_plain_array(array, name, self.path)
+            with self._npz.open(member) as stream:
+                shape, dtype, _ = _read_npy_header_full(stream)
+                stored = tuple(reversed(shape)) if fortran else tuple(shape)
+                array = empty_array(stored, dtype)
+                target = memoryview(array.reshape(-1).view(np.uint8))
+                got = 0
+                while got < len(target):
+                    count = stream.readinto(target[got:])
+                    if not count:
+                        break
+                    got += count
+                # Reading to the member's end is what makes zipfile compare its CRC-32.
+                if got != len(target) or stream.read(1):
+                    raise CheckpointError(f"{self.path}: {name} holds {'less' if got < len(target) else 'more'} "
+                                          f"data than its header declares")
+        except CheckpointError:
+            raise
+        except _ZIP_ERRORS as exc:
+            raise CheckpointError(f"{self.path}: cannot read {name} ({type(exc).__name__}: {exc})") from None
+        if fortran:
+            array = array.T
+        if tuple(array.shape) != info.shape:
+            raise CheckpointError(f"{self.path}: {name} changed shape between reads")
+        return _as_plain_array(np.ascontiguousarray(array), name, self.path)
 
     def close(self) -> None:
         """Close the archive / drop the arrays."""
         if self._npz is not None:
             self._npz.close()
             self._npz = None
+        self._members = {}
         self._arrays = {}
         super().close()
 
