@@ -250,3 +250,13 @@ def test_npz_good_file_reads_exactly(tmp_path: Path) -> None:
             assert sorted(reader) == sorted(arrays)
             for name, value in arrays.items():
                 np.testing.assert_array_equal(reader[name], value)
+
+
+# -- item 7: a fifo or device file passed as a checkpoint -----------------------------------------
+def test_fifo_or_device_is_not_a_regular_file(tmp_path: Path) -> None:
+    import os
+
+    os.mkfifo(tmp_path / "pipe.pth")
+    for path in (tmp_path / "pipe.pth", Path("/dev/zero")):
+        message = fails(path, "not a regular file")
+        assert "not found" not in message

@@ -36,6 +36,8 @@ def read_checkpoint(path: str | os.PathLike, *, verify_checksums: bool = True) -
     if Path(prefix + ".index").is_file():
         return TFV2Reader(prefix, verify_checksums=verify_checksums)
     if not target.is_file():
+        if target.exists():   # a fifo would block the sniffing read; a device never ends
+            raise CheckpointError(f"checkpoint {original} is not a regular file (a pipe, device or socket)")
         raise CheckpointError(f"checkpoint not found: {original} (no such file, and no {original}.index)")
     kind = sniff_format(target) or _SUFFIX_FORMATS.get(target.suffix.lower())
     if kind == "tf_table":
