@@ -260,3 +260,95 @@ def test_fifo_or_device_is_not_a_regular_file(tmp_path: Path) -> None:
     for path in (tmp_path / "pipe.pth", Path("/dev/zero")):
         message = fails(path, "not a regular file")
         assert "not found" not in message
+
+
+# -- items 5-7: labels.txt, manifests, VOC ---------------------------------------------------------
+def _tiny_images(folder: Path, count: int = 3) -> list[str]:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    names = []
+    for index in range(count):
+        Image.new("RGB", (8, 8), (index * 40, 10, 200)).save(folder / f"{index}.png")
+        names.append(f"{index}.png")
+    return names
+
+
+@pytest.mark.parametrize("content", [b"--1:cat\n", "\u00b2:cat\n".encode(), b"\xff\xfe0:cat\n",
+                                     b"999999999999:cat\n", b"0:cat\n5000000000:dog\n"])
+def test_labels_file_hostile_ids(tmp_path: Path, content: bytes) -> None:
+    from slimtune.data.labels import labels_to_names, read_labels_file
+
+    (tmp_path / "labels.txt").write_bytes(content)
+    with pytest.raises(DataError) as caught:
+        labels_to_names(read_labels_file(tmp_path / "labels.txt"))
+    assert "\n" not in str(caught.value) and "labels.txt" in str(caught.value)
+
+
+def test_labels_file_good(tmp_path: Path) -> None:
+    from slimtune.data.labels import labels_to_names, read_labels_file
+
+    (tmp_path / "labels.txt").write_text("1:dog\n0:cat: tabby\n\n2:-3\n", encoding="utf-8")
+    assert labels_to_names(read_labels_file(tmp_path)) == ["cat: tabby", "dog", "-3"]
+
+
+@pytest.mark.parametrize("manifest, text", [
+    ("m.csv", "path,label\n0.png,999999999999\n1.png,1\n"),
+    ("m.jsonl", '{"path": "0.png", "label": 999999999999}\n{"path": "1.png", "label": 1}\n'),
+    ("m.csv", "0.png,--1\n1.png,1\n"),
+    ("m.csv", "0.png,\u00b2\n1.png,1\n"),
+    ("m.csv", "path,label\n0.png,0\n\"1.png,1\n2.png,0\n"),          # unterminated quote
+    ("m.csv", "path,label\n0.png,0\n1.png," + "x" * 200_000 + "\n"),  # over csv's field limit
+])
+def test_manifest_hostile_lines(tmp_path: Path, manifest: str, text: str) -> None:
+    from slimtune.data.manifest import ManifestSource
+
+    _tiny_images(tmp_path)
+    (tmp_path / manifest).write_text(text, encoding="utf-8")
+    with pytest.raises(DataError) as caught:
+        ManifestSource(tmp_path / manifest)
+    assert "\n" not in str(caught.value) and manifest in str(caught.value)
+
+
+def test_manifest_quoted_comma_still_reads(tmp_path: Path) -> None:
+    from slimtune.data.manifest import ManifestSource
+
+    _tiny_images(tmp_path)
+    (tmp_path / "0,b.png").write_bytes((tmp_path / "0.png").read_bytes())
+    (tmp_path / "m.csv").write_text('path,label\n"0,b.png",1\n1.png,0\n2.png,1\n', encoding="utf-8")
+    source = ManifestSource(tmp_path / "m.csv")
+    assert [p.name for p in source.paths] == ["0,b.png", "1.png", "2.png"]
+    assert source.targets() == [1, 0, 1]
+
+
+def _voc_tree(root: Path, size_xml: str = "<width>8</width><height>8</height>", ids: bytes = b"000001\n") -> Path:
+    voc = root / "VOC2007"
+    _tiny_images(voc / "JPEGImages", 1)
+    (voc / "JPEGImages" / "0.png").rename(voc / "JPEGImages" / "000001.jpg")
+    (voc / "ImageSets" / "Main").mkdir(parents=True)
+    (voc / "ImageSets" / "Main" / "train.txt").write_bytes(ids)
+    (voc / "Annotations").mkdir()
+    (voc / "Annotations" / "000001.xml").write_text(
+        f"<annotation><filename>000001.jpg</filename><size>{size_xml}</size>"
+        "<object><name>cat</name><difficult>0</difficult></object></annotation>")
+    return voc
+
+
+@pytest.mark.parametrize("size_xml", ["<width>inf</width><height>8</height>", "<width>nan</width><height>8</height>",
+                                      "<width>-3</width><height>8</height>", "<width>1e400</width><height>8</height>"])
+def test_voc_hostile_sizes(tmp_path: Path, size_xml: str) -> None:
+    from slimtune.data.voc import read_annotation
+
+    voc = _voc_tree(tmp_path, size_xml)
+    with pytest.raises(DataError, match="000001.xml"):
+        read_annotation(voc / "Annotations" / "000001.xml")
+
+
+def test_voc_non_utf8_image_sets(tmp_path: Path) -> None:
+    from slimtune.data.voc import VOCSource
+
+    voc = _voc_tree(tmp_path, ids=b"0000\xff1\n")
+    with pytest.raises(DataError, match="train.txt.*UTF-8"):
+        VOCSource(voc, split="train")
+    voc_good = _voc_tree(tmp_path / "good")
+    assert VOCSource(voc_good, split="train").targets()[0][7] == 1.0   # 'cat' is VOC class 7
