@@ -352,3 +352,103 @@ def test_voc_non_utf8_image_sets(tmp_path: Path) -> None:
         VOCSource(voc, split="train")
     voc_good = _voc_tree(tmp_path / "good")
     assert VOCSource(voc_good, split="train").targets()[0][7] == 1.0   # 'cat' is VOC class 7
+
+
+# -- item 7: TFRecord features of the wrong kind are bad records, skipped and counted in training --
+def _png_bytes(value: int = 90) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (6, 5), (value, 20, 30)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _hostile_shard(path: Path) -> list[str]:
+    from slimtune.data.tfrecord import encode_example, write_tfrecord
+
+    good = {"image/encoded": _png_bytes(), "image/format": b"png", "image/class/label": 1}
+    bad = [
+        {**good, "image/encoded": np.array([1.0, 2.0], np.float32)},      # image as floats
+        {**good, "image/encoded": np.zeros(0, np.int64)},                 # an empty list
+        {**good, "image/width": b"wide"},                                 # width as bytes
+        {**good, "image/format": np.array([3.0], np.float32)},            # format as floats
+        {**good, "image/class/text": np.array([7], np.int64)},            # label text as ints
+        {**good, "image/object/bbox/ymin": [b"x"], "image/object/bbox/xmin": [0.0],
+         "image/object/bbox/ymax": [1.0], "image/object/bbox/xmax": [1.0]},
+    ]
+    records = [encode_example(good)] + [encode_example(example) for example in bad] + [b"\xff\xff\xff"]
+    write_tfrecord(path, records)
+    return ["good"] + ["bad"] * (len(records) - 1)
+
+
+def _source(shard: Path):
+    from slimtune.data.slim_datasets import TFRecordSource
+
+    return TFRecordSource([shard], ["a", "b"], 8, name="hostile")
+
+
+def _identity(image, height, width):
+    import torch
+
+    return torch.nn.functional.interpolate(image[None].float(), size=(height, width))[0]
+
+
+def test_wrong_kind_features_are_skipped_and_counted_in_training(tmp_path: Path) -> None:
+    from slimtune.data.loader import build_loader
+
+    kinds = _hostile_shard(tmp_path / "train-00000-of-00001")
+    loader = build_loader(_source(tmp_path / "train-00000-of-00001"), _identity, (4, 4), batch_size=8,
+                          training=False, on_bad_image="skip")
+    batches = list(loader)
+    assert sum(len(batch.targets) for batch in batches) == kinds.count("good") == 1
+    bad = [description for batch in batches for description in batch.bad]
+    assert len(bad) == kinds.count("bad") == 7
+    assert all("record" in description for description in bad)
+    assert batches[0].targets.tolist() == [1]
+
+
+def test_wrong_kind_feature_with_on_bad_image_fail_is_one_line(tmp_path: Path) -> None:
+    from slimtune.data.decode import BadImageError
+    from slimtune.data.loader import build_loader
+
+    _hostile_shard(tmp_path / "train-00000-of-00001")
+    loader = build_loader(_source(tmp_path / "train-00000-of-00001"), _identity, (4, 4), batch_size=8,
+                          training=False, on_bad_image="fail")
+    with pytest.raises(BadImageError, match="record 1") as caught:
+        list(loader)
+    assert "\n" not in str(caught.value)
+
+
+# -- item 7: dataset descriptions ------------------------------------------------------------------
+def _spec(tmp_path: Path, **changes) -> Path:
+    content = {"format": "slimtune-dataset-spec", "version": 1, "name": "mine", "file_pattern": "%s-*",
+               "splits": {"train": 2}, "num_classes": 2}
+    content.update(changes)
+    (tmp_path / "slimtune_dataset.json").write_text(json.dumps(content) if not isinstance(changes.get("raw"), str)
+                                                    else changes["raw"])
+    return tmp_path
+
+
+@pytest.mark.parametrize("changes, match", [
+    ({"file_pattern": "/etc/%s*"}, "inside|outside|absolute"),
+    ({"file_pattern": "../other/%s-*"}, "inside"),
+    ({"splits": {"train": -5}}, "split"),
+    ({"num_classes": 10_000_000_000}, "classes"),
+    ({"raw": '{"a":' * 100_000 + "1" + "}" * 100_000}, "malformed"),
+    ({"splits": {"train": 1e400}}, "split|malformed"),
+])
+def test_hostile_dataset_descriptions(tmp_path: Path, changes: dict, match: str) -> None:
+    from slimtune.data.slim_datasets import get_split
+
+    _spec(tmp_path, **changes)
+    (tmp_path / "train-00000").write_bytes(b"")
+    with pytest.raises(SlimtuneError, match=match) as caught:
+        get_split(None, "train", tmp_path)
+    assert "\n" not in str(caught.value)
+
+
+def test_user_file_pattern_outside_the_dataset_dir_is_refused(tmp_path: Path) -> None:
+    from slimtune.data.slim_datasets import find_shards
+
+    with pytest.raises(DataError, match="inside"):
+        find_shards(tmp_path, "/etc/pass*")

@@ -38,6 +38,20 @@ class BadImageError(DataError):
     """An image could not be decoded (corrupt, truncated, missing or not an image)."""
 
 
+class UnreadablePayload:
+    """Stands in for the image of a record that could not be read (a TFRecord feature of the
+    wrong kind, a malformed Example): decoding it raises BadImageError with the reason, so a
+    training loader skips and counts it like any corrupt image."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def __repr__(self) -> str:
+        return f"UnreadablePayload({self.reason!r})"
+
+
 def _bad_image(payload: Any, description: str, error: BaseException) -> BadImageError:
     """The BadImageError for a failed read, open or decode, naming the image."""
     if isinstance(error, FileNotFoundError):
@@ -63,6 +77,8 @@ def decode_image(payload: Payload, channels: int = 3, draft_size: tuple[int, int
     """
     if isinstance(payload, np.ndarray):
         return _array_to_channels(payload, channels, description)
+    if isinstance(payload, UnreadablePayload):
+        raise BadImageError(payload.reason)
     try:
         with _open(payload) as image:
             if draft_size is not None and image.format == "JPEG":
@@ -244,6 +260,8 @@ class LazyImage:
         self.jpeg: Optional[JpegHeader] = None
         self._image: Optional[Image.Image] = None
         self.orientation = 1
+        if isinstance(payload, UnreadablePayload):
+            raise BadImageError(payload.reason)
         if isinstance(payload, np.ndarray):
             self.array = payload
             self.height, self.width = int(payload.shape[0]), int(payload.shape[1])
