@@ -452,3 +452,65 @@ def test_user_file_pattern_outside_the_dataset_dir_is_refused(tmp_path: Path) ->
 
     with pytest.raises(DataError, match="inside"):
         find_shards(tmp_path, "/etc/pass*")
+
+
+# -- items 5/6: oversized images are refused from their header, naming the file ---------------------
+def _jpeg_claiming(width: int, height: int, size: int = 3000) -> bytes:
+    """A real JPEG's first `size` bytes with its frame header rewritten to claim width x height."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buffer, format="JPEG")
+    data = bytearray(buffer.getvalue())
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5:sof + 9] = struct.pack(">HH", height, width)
+    return bytes(data[:size])
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("payload", [_jpeg_claiming(9000, 9000), _png_header_only(12000, 12000)])
+def test_oversized_images_are_bad_images_naming_the_file(tmp_path: Path, payload: bytes) -> None:
+    from slimtune.data.decode import BadImageError, decode_image, decode_tensor
+
+    (tmp_path / "big.img").write_bytes(payload)
+    for decode in (decode_image, decode_tensor):
+        with pytest.raises(BadImageError, match=r"big.img: .*over the limit of 50000000 pixels") as caught:
+            decode(tmp_path / "big.img")
+        assert "\n" not in str(caught.value)
+
+
+def test_max_image_pixels_is_configurable(tmp_path: Path, monkeypatch) -> None:
+    from slimtune.config import TrainConfig
+    from slimtune.data.decode import BadImageError, decode_tensor
+
+    monkeypatch.delenv("SLIMTUNE_MAX_IMAGE_PIXELS", raising=False)
+    (tmp_path / "small.png").write_bytes(_png_bytes())           # 6 x 5 = 30 pixels
+    assert decode_tensor(tmp_path / "small.png").shape == (3, 5, 6)
+    TrainConfig(max_image_pixels=29)
+    with pytest.raises(BadImageError, match="small.png: 6x5 image"):
+        decode_tensor(tmp_path / "small.png")
+    TrainConfig(max_image_pixels=30)
+    assert decode_tensor(tmp_path / "small.png").shape == (3, 5, 6)
+    with pytest.raises(SlimtuneError):
+        TrainConfig(max_image_pixels=0)
+    TrainConfig()
+
+
+def test_truncated_jpeg_claiming_a_moderate_size_is_a_bad_image_in_training(tmp_path: Path) -> None:
+    from slimtune.data.loader import build_loader
+    from slimtune.data.manifest import ManifestSource
+
+    _tiny_images(tmp_path, 2)
+    (tmp_path / "liar.jpg").write_bytes(_jpeg_claiming(3000, 3000))   # 9 M pixels, 3 KB of data
+    (tmp_path / "m.csv").write_text("0.png,0\nliar.jpg,1\n1.png,1\n")
+    loader = build_loader(ManifestSource(tmp_path / "m.csv"), _identity, (4, 4), batch_size=4, training=False)
+    batches = list(loader)
+    assert [description.split(" ")[0].endswith("liar.jpg") for batch in batches for description in batch.bad] == [True]
+    assert sum(len(batch.targets) for batch in batches) == 2

@@ -18,7 +18,8 @@ Two entry points:
 from __future__ import annotations
 
 import io
-import math
+import os
+import warnings
 from pathlib import Path
 from typing import Any, NamedTuple, Optional
 
@@ -36,6 +37,34 @@ _DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError
 
 class BadImageError(DataError):
     """An image could not be decoded (corrupt, truncated, missing or not an image)."""
+
+
+# Images with more pixels are refused from their header, before any decode allocates for them
+# (a 12000x12000 PNG is 430 MB of RGB, per decode, per worker). Pillow warns at ~89 M pixels and
+# refuses at twice that; 50 M still admits a 48-megapixel phone photo. Set by --max_image_pixels,
+# through the environment so that spawned loader workers see it too.
+DEFAULT_MAX_IMAGE_PIXELS = 50_000_000
+MAX_IMAGE_PIXELS_ENV = "SLIMTUNE_MAX_IMAGE_PIXELS"
+
+
+def max_image_pixels() -> int:
+    """The pixel limit in force (the environment's, else DEFAULT_MAX_IMAGE_PIXELS)."""
+    value = os.environ.get(MAX_IMAGE_PIXELS_ENV, "")
+    return int(value) if value.isascii() and value.isdigit() and int(value) > 0 else DEFAULT_MAX_IMAGE_PIXELS
+
+
+def set_max_image_pixels(limit: int) -> None:
+    """Set the pixel limit for this process and the loader workers it starts."""
+    if type(limit) is not int or limit < 1:
+        raise DataError(f"--max_image_pixels must be a positive integer, got {limit!r}")
+    os.environ[MAX_IMAGE_PIXELS_ENV] = str(limit)
+
+
+def _check_pixels(width: int, height: int, name: str) -> None:
+    limit = max_image_pixels()
+    if width * height > limit:
+        raise BadImageError(f"{name}: {width}x{height} image ({width * height} pixels) is over the limit of "
+                            f"{limit} pixels (--max_image_pixels)")
 
 
 class UnreadablePayload:
@@ -60,10 +89,18 @@ def _bad_image(payload: Any, description: str, error: BaseException) -> BadImage
     return BadImageError(f"{name}: cannot decode image ({error})")
 
 
+def _payload_name(payload: Any) -> str:
+    return "image bytes" if isinstance(payload, (bytes, bytearray, memoryview)) else str(payload)
+
+
 def _open(payload: bytes | str | Path) -> Image.Image:
-    if isinstance(payload, (bytes, bytearray, memoryview)):
-        return Image.open(io.BytesIO(bytes(payload)))
-    return Image.open(payload)
+    # Our own pixel limit (below Pillow's) refuses big images right after this; Pillow's warning
+    # about them would only be noise.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        if isinstance(payload, (bytes, bytearray, memoryview)):
+            return Image.open(io.BytesIO(bytes(payload)))
+        return Image.open(payload)
 
 
 def decode_image(payload: Payload, channels: int = 3, draft_size: tuple[int, int] | None = None,
@@ -81,6 +118,7 @@ def decode_image(payload: Payload, channels: int = 3, draft_size: tuple[int, int
         raise BadImageError(payload.reason)
     try:
         with _open(payload) as image:
+            _check_pixels(*image.size, description or _payload_name(payload))
             if draft_size is not None and image.format == "JPEG":
                 image.draft("RGB" if channels == 3 else "L", draft_size)
             return _pillow_pixels(image, channels)
@@ -274,13 +312,16 @@ class LazyImage:
         except _DECODE_ERRORS as error:
             raise _bad_image(payload, description, error) from error
         header = read_jpeg_header(self.data)
-        if header is not None and header.height * header.width <= (Image.MAX_IMAGE_PIXELS or math.inf):
+        name = description or _payload_name(payload)
+        if header is not None:
+            _check_pixels(header.width, header.height, name)
             self.jpeg, self.orientation = header, header.orientation
             height, width = header.height, header.width
-        else:  # not a JPEG, or one so large that Pillow's decompression-bomb check must see it
+        else:  # not a JPEG (or a header we do not parse): Pillow reads the size
             image = self.image
-            self.orientation = _orientation(image)
             width, height = image.size
+            _check_pixels(width, height, name)
+            self.orientation = _orientation(image)
         if self.orientation in _SWAPPED_ORIENTATIONS:
             width, height = height, width
         self.height, self.width = height, width
@@ -290,7 +331,7 @@ class LazyImage:
         """The payload opened with Pillow (header only until decoded); BadImageError if it cannot be."""
         if self._image is None:
             try:
-                self._image = Image.open(io.BytesIO(self.data))
+                self._image = _open(self.data)
             except _DECODE_ERRORS as error:
                 raise _bad_image(self.payload, self.description, error) from error
         return self._image
