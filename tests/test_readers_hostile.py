@@ -514,3 +514,22 @@ def test_truncated_jpeg_claiming_a_moderate_size_is_a_bad_image_in_training(tmp_
     batches = list(loader)
     assert [description.split(" ")[0].endswith("liar.jpg") for batch in batches for description in batch.bad] == [True]
     assert sum(len(batch.targets) for batch in batches) == 2
+
+
+# -- item 6: a compressed TFRecord whose record expands beyond the record limit ----------------------
+@pytest.mark.parametrize("codec", ["GZIP", "ZLIB"])
+def test_compressed_record_expanding_past_the_limit_is_refused(tmp_path: Path, monkeypatch, codec: str) -> None:
+    import gzip
+
+    from slimtune.data import tfrecord
+    from slimtune.utils.crc import masked_crc32c
+
+    monkeypatch.setattr(tfrecord, "MAX_RECORD_BYTES", 1 << 20)
+    length = struct.pack("<Q", 8 << 20)                      # 8 MiB of zeros: ~8 KB compressed
+    stream = length + struct.pack("<I", masked_crc32c(length)) + bytes(8 << 20) + b"\0" * 4
+    packed = gzip.compress(stream, mtime=0) if codec == "GZIP" else zlib.compress(stream)
+    (tmp_path / "bomb.tfrecord").write_bytes(packed)
+    assert len(packed) < 64 << 10
+    with pytest.raises(tfrecord.TFRecordError, match="bomb.tfrecord.*record 0.*limit") as caught:
+        list(tfrecord.iter_tfrecord(tmp_path / "bomb.tfrecord"))
+    assert "\n" not in str(caught.value)
