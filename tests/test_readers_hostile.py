@@ -533,3 +533,20 @@ def test_compressed_record_expanding_past_the_limit_is_refused(tmp_path: Path, m
     with pytest.raises(tfrecord.TFRecordError, match="bomb.tfrecord.*record 0.*limit") as caught:
         list(tfrecord.iter_tfrecord(tmp_path / "bomb.tfrecord"))
     assert "\n" not in str(caught.value)
+
+
+def test_on_bad_image_fail_with_workers_is_one_line_naming_the_file(tmp_path: Path) -> None:
+    from slimtune.data.decode import BadImageError
+    from slimtune.data.loader import build_loader
+    from slimtune.data.manifest import ManifestSource
+
+    _tiny_images(tmp_path, 2)
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "m.csv").write_text("0.png,0\nempty.jpg,1\n1.png,1\n")
+    loader = build_loader(ManifestSource(tmp_path / "m.csv"), _identity, (4, 4), batch_size=4, training=False,
+                          num_workers=1, on_bad_image="fail")
+    with pytest.raises(BadImageError) as caught:
+        list(loader)
+    message = str(caught.value)
+    assert "\n" not in message and "Traceback" not in message
+    assert message.endswith("empty.jpg: empty file") or "empty.jpg (m.csv:2): empty file" in message

@@ -38,6 +38,16 @@ _DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError
 class BadImageError(DataError):
     """An image could not be decoded (corrupt, truncated, missing or not an image)."""
 
+    def __init__(self, message: object = "") -> None:
+        # A DataLoader worker's error is re-raised in the main process as this class built from
+        # "Caught BadImageError in DataLoader worker process 0.\nOriginal Traceback ...": keep
+        # only the original one-line message (the file and the reason), not the worker's traceback.
+        text = str(message)
+        if text.startswith("Caught BadImageError") and "Traceback" in text:
+            last = [line for line in text.strip().splitlines() if line.strip()][-1]
+            text = last.split("BadImageError: ", 1)[-1]
+        super().__init__(text)
+
 
 # Images with more pixels are refused from their header, before any decode allocates for them
 # (a 12000x12000 PNG is 430 MB of RGB, per decode, per worker). Pillow warns at ~89 M pixels and
@@ -85,8 +95,20 @@ def _bad_image(payload: Any, description: str, error: BaseException) -> BadImage
     """The BadImageError for a failed read, open or decode, naming the image."""
     if isinstance(error, FileNotFoundError):
         return BadImageError(f"{description or payload}: file not found")
-    name = description or ("image bytes" if isinstance(payload, (bytes, bytearray, memoryview)) else str(payload))
+    name = description or _payload_name(payload)
+    if _is_empty(payload):
+        return BadImageError(f"{name}: empty file")
     return BadImageError(f"{name}: cannot decode image ({error})")
+
+
+def _is_empty(payload: Any) -> bool:
+    """True for an empty payload or a 0-byte file (worth saying plainly: a failed copy)."""
+    if isinstance(payload, (bytes, bytearray, memoryview)):
+        return len(payload) == 0
+    try:
+        return isinstance(payload, (str, Path)) and os.path.getsize(payload) == 0
+    except OSError:
+        return False
 
 
 def _payload_name(payload: Any) -> str:
