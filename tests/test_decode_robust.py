@@ -55,10 +55,15 @@ def test_truncated_jpeg_is_a_bad_image(fraction):
         decode_image(data[: int(len(data) * fraction)], description="photo.jpg")
 
 
-@pytest.mark.parametrize("payload", [b"", b"GIF89a but not really", bytes(range(256)) * 4])
+@pytest.mark.parametrize("payload", [b"GIF89a but not really", bytes(range(256)) * 4])
 def test_garbage_bytes_are_a_bad_image(payload):
     with pytest.raises(BadImageError, match="cannot decode image"):
         decode_image(payload)
+
+
+def test_empty_payload_says_empty_file():
+    with pytest.raises(BadImageError, match="^image bytes: empty file$"):
+        decode_image(b"")
 
 
 def test_corrupt_jpeg_scan_data_decodes_the_same_on_both_paths():
