@@ -550,3 +550,33 @@ def test_on_bad_image_fail_with_workers_is_one_line_naming_the_file(tmp_path: Pa
     message = str(caught.value)
     assert "\n" not in message and "Traceback" not in message
     assert message.endswith("empty.jpg: empty file") or "empty.jpg (m.csv:2): empty file" in message
+
+
+def test_npz_scalar_arrays_keep_their_shape(tmp_path: Path) -> None:
+    np.savez(tmp_path / "s.npz", step=np.array(7, np.int64), w=np.asfortranarray(np.arange(6.0).reshape(2, 3)))
+    with read_checkpoint(tmp_path / "s.npz") as reader:
+        assert reader["step"].shape == () and int(reader["step"]) == 7
+        np.testing.assert_array_equal(reader["w"], np.arange(6.0).reshape(2, 3))
+
+
+def test_npy_header_cut_inside_its_dict_is_one_line(tmp_path: Path) -> None:
+    np.save(tmp_path / "good.npy", {"w": np.ones(2)}, allow_pickle=True)
+    (tmp_path / "cut.npy").write_bytes((tmp_path / "good.npy").read_bytes()[:30] + b"\n")
+    fails(tmp_path / "cut.npy", "not a valid .npy")
+
+
+def test_png_whose_data_stream_is_broken_is_a_bad_image_not_a_blank_one() -> None:
+    from PIL import Image
+
+    from slimtune.data.decode import BadImageError, decode_image, decode_tensor
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (24, 32, 3), dtype=np.uint8)).save(buffer, format="PNG")
+    data = bytearray(buffer.getvalue())
+    idat = data.index(b"IDAT")
+    data[idat + 4:idat + 40] = bytes(36)      # the zlib stream broken (chunk CRC left as is)
+    with pytest.raises(OSError):
+        Image.open(io.BytesIO(bytes(data))).convert("RGB")     # Pillow refuses it ...
+    for decode in (decode_image, decode_tensor):
+        with pytest.raises(BadImageError, match="cannot decode image"):   # ... and so do we
+            decode(bytes(data))

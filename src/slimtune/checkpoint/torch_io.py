@@ -639,7 +639,7 @@ class NumpyReader(CheckpointReader):
         with open(path, "rb") as handle:
             try:
                 shape, dtype = _read_npy_header(handle)
-            except (ValueError, SyntaxError, OSError) as exc:
+            except (ValueError, SyntaxError, OSError, tokenize.TokenError) as exc:
                 raise CheckpointError(f"{path}: not a valid .npy file ({exc})") from None
             if dtype.kind != "O" or shape != ():
                 raise CheckpointError(
@@ -735,7 +735,9 @@ class NumpyReader(CheckpointReader):
             array = array.T
         if tuple(array.shape) != info.shape:
             raise CheckpointError(f"{self.path}: {name} changed shape between reads")
-        return _as_plain_array(np.ascontiguousarray(array), name, self.path)
+        if not array.flags.c_contiguous:
+            array = array.copy(order="C")   # (np.ascontiguousarray would make a 0-d array 1-d)
+        return _as_plain_array(array, name, self.path)
 
     def close(self) -> None:
         """Close the archive / drop the arrays."""

@@ -151,7 +151,14 @@ def decode_image(payload: Payload, channels: int = 3, draft_size: tuple[int, int
 
 
 def _orientation(image: Image.Image) -> int:
-    """The EXIF orientation tag (1 = upright) of an opened image."""
+    """The EXIF orientation tag (1 = upright) of an opened image.
+
+    Formats other than JPEG are decoded first: reading their EXIF may decode the image (PNG), and
+    a decode failure swallowed there would leave a blank image behind for the real decode
+    (Pillow does not retry a failed load). JPEGs stay undecoded so draft() can still scale them.
+    """
+    if image.format != "JPEG":
+        image.load()
     try:
         return int(image.getexif().get(_EXIF_ORIENTATION, 1) or 1)
     except Exception:  # noqa: BLE001 - unreadable EXIF: show the pixels as stored, as viewers do
@@ -343,7 +350,10 @@ class LazyImage:
             image = self.image
             width, height = image.size
             _check_pixels(width, height, name)
-            self.orientation = _orientation(image)
+            try:
+                self.orientation = _orientation(image)
+            except _DECODE_ERRORS as error:
+                raise _bad_image(payload, description, error) from error
         if self.orientation in _SWAPPED_ORIENTATIONS:
             width, height = height, width
         self.height, self.width = height, width
