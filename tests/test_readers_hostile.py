@@ -580,3 +580,15 @@ def test_png_whose_data_stream_is_broken_is_a_bad_image_not_a_blank_one() -> Non
     for decode in (decode_image, decode_tensor):
         with pytest.raises(BadImageError, match="cannot decode image"):   # ... and so do we
             decode(bytes(data))
+
+
+def test_npy_version_byte_flipped_to_a_huge_header_length(tmp_path: Path) -> None:
+    # Version 0.x read as 2.0 took bytes of the header as a 1.6 GB length, read in one call.
+    np.save(tmp_path / "good.npy", {"w": np.ones(2)}, allow_pickle=True)
+    data = bytearray((tmp_path / "good.npy").read_bytes())
+    data[6] = 0
+    (tmp_path / "v0.npy").write_bytes(bytes(data))
+    fails(tmp_path / "v0.npy", "version")
+    data[6:12] = b"\x02\x00\xff\xff\xff\x7f"
+    (tmp_path / "long.npy").write_bytes(bytes(data))
+    fails(tmp_path / "long.npy", "header claims")

@@ -524,12 +524,34 @@ _ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, NotImplementedError, RuntimeError
                OSError, EOFError, TypeError, struct.error, OverflowError, MemoryError, tokenize.TokenError)
 
 
+_MAX_NPY_HEADER = 1 << 20   # numpy's own limit for safe header parsing is 10 KB; be generous
+
+
 def _read_npy_header_full(handle: BinaryIO) -> tuple[tuple[int, ...], np.dtype, bool]:
-    version = np.lib.format.read_magic(handle)
+    """Parse a .npy header: (shape, dtype, fortran order). The header's length field is checked
+    before anything is read by it (numpy would try to read a lying 4 GB length in one call)."""
+    head = handle.read(8)
+    if len(head) < 8 or head[:6] != b"\x93NUMPY":
+        raise ValueError("no .npy magic")
+    version = (head[6], head[7])
+    if version not in ((1, 0), (2, 0), (3, 0)):
+        raise ValueError(f"unknown .npy format version {version[0]}.{version[1]}")
+    width = 2 if version == (1, 0) else 4
+    length_bytes = handle.read(width)
+    if len(length_bytes) < width:
+        raise ValueError("truncated .npy header")
+    length = int.from_bytes(length_bytes, "little")
+    if length > _MAX_NPY_HEADER:
+        raise ValueError(f".npy header claims {length} bytes")
+    body = handle.read(length)
+    if len(body) < length:
+        raise ValueError(f".npy header claims {length} bytes, the file holds {len(body)}")
+    stream = io.BytesIO(head + length_bytes + body)
+    stream.seek(8)
     if version == (1, 0):
-        shape, fortran, dtype = np.lib.format.read_array_header_1_0(handle)
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(stream)
     else:
-        shape, fortran, dtype = np.lib.format.read_array_header_2_0(handle)
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(stream)
     return tuple(shape), dtype, bool(fortran)
 
 
@@ -561,12 +583,8 @@ def _check_zip_layout(archive: zipfile.ZipFile, path: Path) -> None:
 
 
 def _read_npy_header(handle: BinaryIO) -> tuple[tuple[int, ...], np.dtype]:
-    version = np.lib.format.read_magic(handle)
-    if version == (1, 0):
-        shape, _, dtype = np.lib.format.read_array_header_1_0(handle)
-    else:
-        shape, _, dtype = np.lib.format.read_array_header_2_0(handle)
-    return tuple(shape), dtype
+    shape, dtype, _ = _read_npy_header_full(handle)
+    return shape, dtype
 
 
 def _flatten(prefix: str, value: Any, out: dict[str, np.ndarray], path: Path) -> None:
