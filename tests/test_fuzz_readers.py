@@ -223,6 +223,7 @@ class Campaign:
         def alarm(*_):
             raise _Hang()
 
+        rss_before = _peak_rss()
         previous = signal.signal(signal.SIGALRM, alarm)
         signal.setitimer(signal.ITIMER_REAL, CASE_TIMEOUT_S)
         try:
@@ -253,6 +254,11 @@ class Campaign:
         finally:
             signal.setitimer(signal.ITIMER_REAL, 0)
             signal.signal(signal.SIGALRM, previous)
+            # ru_maxrss only grows: a case that raises the peak shows by how much (0 for most).
+            growth = _peak_rss() - rss_before
+            stats = self.stats[reader]
+            if growth > stats.get("peak_rss_step_bytes", 0):
+                stats["peak_rss_step_bytes"], stats["peak_rss_step_case"] = growth, f"{path.name} ({len(data)} bytes)"
 
     # -- per-reader oracles --------------------------------------------------------------------
     def campaign(self) -> dict:
@@ -486,6 +492,16 @@ class Campaign:
             self.run_case("dataset_spec", spec_check, data, folder / "slimtune_dataset.json")
 
 
+def _peak_rss() -> int:
+    """This process's peak resident memory (VmHWM). Not ru_maxrss: after exec it still holds the
+    peak of the parent that forked us (pytest, with torch loaded)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 def _vm_size() -> int:
     with open("/proc/self/status") as status:
         for line in status:
@@ -515,11 +531,11 @@ def worker(root: Path, seed: int) -> dict:
     CASES.update(saved)
     cap = _vm_size() + MEMORY_BUDGET
     resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
-    baseline_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    baseline_rss = _peak_rss()
     campaign = Campaign(root / "run", seed)
     (root / "run").mkdir()
     stats = campaign.campaign()
-    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak_rss = _peak_rss()
     return {"stats": stats, "address_space_cap": cap, "memory_budget": MEMORY_BUDGET,
             "rss_growth_bytes": max(0, peak_rss - baseline_rss),
             "largest_file_bytes": max(s["max_file_bytes"] for s in stats.values())}

@@ -592,3 +592,41 @@ def test_npy_version_byte_flipped_to_a_huge_header_length(tmp_path: Path) -> Non
     data[6:12] = b"\x02\x00\xff\xff\xff\x7f"
     (tmp_path / "long.npy").write_bytes(bytes(data))
     fails(tmp_path / "long.npy", "header claims")
+
+
+def _read_under_memory_cap(path: Path, budget: int = 1 << 30) -> tuple[int, str]:
+    """Read a checkpoint in a subprocess whose address space is capped at its size + budget."""
+    import subprocess
+    import sys
+
+    code = (
+        "import resource, sys\n"
+        "from slimtune.checkpoint import read_checkpoint\n"
+        "from slimtune.errors import SlimtuneError\n"
+        "vm = [int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith('VmSize:')][0]\n"
+        f"resource.setrlimit(resource.RLIMIT_AS, (vm + {budget}, vm + {budget}))\n"
+        # VmHWM, not ru_maxrss: after exec, ru_maxrss still holds the forking parent's peak.
+        "hwm = lambda: [int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM:')][0]\n"
+        "before = hwm()\n"
+        "try:\n"
+        "    reader = read_checkpoint(sys.argv[1]); [reader[n] for n in reader]; outcome = 'OK'\n"
+        "except SlimtuneError as error:\n"
+        "    outcome = f'ERROR {error}'\n"
+        "grown = (hwm() - before) * 1024\n"
+        "print(grown, outcome)\n"
+    )
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    result = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120,
+                            env={**__import__("os").environ, "PYTHONPATH": src})
+    assert result.returncode == 0, result.stderr[-2000:]
+    grown, outcome = result.stdout.strip().split(" ", 1)
+    return int(grown), outcome
+
+
+def test_npy_found_by_fuzzing_that_allocated_330_mb(tmp_path: Path) -> None:
+    # A 1 KB mutated np.save dict (fuzz seed 5, case npy-222): the C unpickler peaked 330 MB
+    # before failing on a bad opcode; the opcode walk refuses it first.
+    path = Path(__file__).parent / "fixtures" / "hostile" / "npy_pickle_alloc.npy"
+    grown, outcome = _read_under_memory_cap(path)
+    assert outcome.startswith("ERROR") and "corrupt pickled dict" in outcome
+    assert grown < 32 << 20, grown

@@ -11,6 +11,7 @@ import io
 import json
 import os
 import pickle
+import pickletools
 import struct
 import tokenize
 import zipfile
@@ -266,6 +267,14 @@ class _StorageLister(pickle.Unpickler):
         return _Placeholder()
 
 
+def _is_zipfile(path: Path) -> bool:
+    """zipfile.is_zipfile, minus its exceptions: a damaged end record raises BadZipFile from it."""
+    try:
+        return zipfile.is_zipfile(path)
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, struct.error):
+        return True   # zip-like enough: the zip checks below say what is wrong
+
+
 def _check_torch_zip(path: Path, verify_crc: bool = True) -> None:
     """What torch.load(mmap=True) leaves unchecked: every member's CRC-32, and each storage
     record's size against the tensor data the pickle says it holds."""
@@ -322,10 +331,11 @@ class TorchReader(CheckpointReader):
         import torch
 
         path = Path(path)
-        if zipfile.is_zipfile(path):
+        is_zip = _is_zipfile(path)
+        if is_zip:
             _check_torch_zip(path, verify_crc=verify_checksums)
         try:
-            loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+            loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
         except Exception as exc:   # torch raises many types for hostile or foreign files
             first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise CheckpointError(f"{path}: torch.load(weights_only=True) refused the file ({first_line})") from None
@@ -409,7 +419,9 @@ class _PendingArray:
     def __setstate__(self, state: Any) -> None:
         if not isinstance(state, tuple) or len(state) not in (4, 5):
             raise CheckpointError("pickled array has a malformed state")
-        _, shape, dtype, fortran, data = state if len(state) == 5 else (1, *state)
+        version, shape, dtype, fortran, data = state if len(state) == 5 else (1, *state)
+        if version != 1:   # as numpy's own ndarray.__setstate__
+            raise CheckpointError(f"pickled array has state version {version!r}; numpy writes 1")
         if not isinstance(dtype, np.dtype) or not isinstance(shape, tuple) \
                 or not all(type(d) is int and d >= 0 for d in shape):
             raise CheckpointError("pickled array has a malformed shape or dtype")
@@ -505,6 +517,9 @@ class _BoundedFile(io.RawIOBase):
 
     def readable(self) -> bool:
         return True
+
+    def tell(self) -> int:
+        return self._handle.tell()
 
     def readinto(self, buffer: Any) -> int:
         remaining = self._end - self._handle.tell()
@@ -665,6 +680,13 @@ class NumpyReader(CheckpointReader):
                     f"of named arrays (np.save(path, {{name: array}}))"
                 )
             try:
+                # First walk the opcodes: every length inside the pickle is checked against the
+                # bytes that follow it. The C unpickler allocates a BINBYTES8's claimed size
+                # before reading it (a 1 KB file made it allocate 330 MB, then fail).
+                start = handle.tell()
+                for _ in pickletools.genops(_BoundedFile(handle, file_size)):
+                    pass
+                handle.seek(start)
                 bounded = _BoundedFile(handle, file_size)
                 unpickler = _RestrictedUnpickler(bounded, max_bytes=file_size, encoding="latin1")
                 obj = unpickler.load()
