@@ -46,6 +46,16 @@ class DataSettings:
     on_bad_image: str = _flag("skip", "unreadable images: skip and count, or fail", choices=("skip", "fail"))
     multi_label: Optional[bool] = _flag(None, "multi-label task: sigmoid cross-entropy on multi-hot targets "
                                               "(implied by VOC and multi-label manifests)")
+    max_image_pixels: int = _flag(50_000_000, "images with more pixels are bad images, refused from their header "
+                                              "before decoding (Pillow warns at ~89 M)")
+
+    def __post_init__(self) -> None:
+        # The decoders (and the loader workers they run in) read the limit from the environment.
+        import os
+
+        if type(self.max_image_pixels) is not int or self.max_image_pixels < 1:
+            raise ConfigError(f"--max_image_pixels must be a positive integer, got {self.max_image_pixels!r}")
+        os.environ["SLIMTUNE_MAX_IMAGE_PIXELS"] = str(self.max_image_pixels)
 
     def __post_init__(self) -> None:
         # Every way of making settings (flags, YAML, code) is checked here, when they are made.

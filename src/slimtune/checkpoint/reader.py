@@ -35,6 +35,8 @@ def read_checkpoint(path: str | os.PathLike, *, verify_checksums: bool = True) -
     if Path(prefix + ".index").is_file():
         return TFV2Reader(prefix, verify_checksums=verify_checksums)
     if not target.is_file():
+        if target.exists():   # a fifo would block the sniffing read; a device never ends
+            raise CheckpointError(f"checkpoint {original} is not a regular file (a pipe, device or socket)")
         raise CheckpointError(f"checkpoint not found: {original} (no such file, and no {original}.index)")
     kind = sniff_format(target) or _SUFFIX_FORMATS.get(target.suffix.lower())
     if kind == "tf_table":
@@ -48,7 +50,7 @@ def read_checkpoint(path: str | os.PathLike, *, verify_checksums: bool = True) -
     if kind == "torch":
         from slimtune.checkpoint.torch_io import TorchReader
 
-        return TorchReader(target)
+        return TorchReader(target, verify_checksums=verify_checksums)
     if kind == "numpy":
         from slimtune.checkpoint.torch_io import NumpyReader
 
@@ -73,8 +75,8 @@ def sniff_format(path: Path) -> str | None:
         try:
             with zipfile.ZipFile(path) as archive:
                 names = archive.namelist()
-        except (zipfile.BadZipFile, OSError):
-            return None
+        except (zipfile.BadZipFile, OSError, NotImplementedError, ValueError, EOFError):
+            return None   # the extension's parser says what is wrong
         if any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
             return "torch"
         if names and all(n.endswith(".npy") for n in names):
