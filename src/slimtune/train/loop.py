@@ -179,7 +179,7 @@ def _train(config: TrainConfig, runtime: Runtime) -> TrainResult:
     # Data and model.
     spec = get_model_spec(config.model_name)
     split = resolve_split(config.dataset_name, config.dataset_dir, config.dataset_split_name)
-    source = build_source(config.dataset_name, config.dataset_dir, split)
+    source = build_source(config.dataset_name, config.dataset_dir, split, multi_label=config.multi_label)
     multi_label = source.multi_label if config.multi_label is None else config.multi_label
     if multi_label != source.multi_label:
         raise ConfigError("--multi_label needs multi-label targets (VOC, a multi-label manifest or converted data)"
@@ -406,7 +406,7 @@ def _make_evaluator(config: TrainConfig, spec: ModelSpec, runtime: Runtime, mult
     from ..evaluate.run import evaluate_model
 
     split = config.eval_split_name or resolve_split(config.dataset_name, config.dataset_dir, "auto")
-    source = build_source(config.dataset_name, config.dataset_dir, split)
+    source = build_source(config.dataset_name, config.dataset_dir, split, multi_label=config.multi_label)
 
     def run(model: nn.Module, step: int, writer: Any) -> None:
         if not runtime.is_main:
