@@ -166,13 +166,8 @@ def evaluate_checkpoint(config: EvalConfig, checkpoint: Optional[Path] = None) -
                              thresholds=thresholds, on_bad_image=config.on_bad_image, with_curves=config.report,
                              return_scores=multi_label and config.thresholds == "tune")
     if multi_label and config.thresholds == "tune":
-        from .metrics import tune_thresholds
-
-        targets = np.stack([np.asarray(source.targets()[i], dtype=np.float32) for i in results["_indices"]])
-        tuned = tune_thresholds(results["_scores"], targets)
-        (weights.parent / THRESHOLDS_FILENAME).write_text(json.dumps(
-            {"thresholds": tuned.tolist(), "split": split, "checkpoint": weights.name}, indent=1))
-        results["tuned_thresholds"] = tuned.tolist()
+        results["tuning"] = _tune_and_save(results, source, weights, split, _dataset_label(config), thresholds)
+        results["tuned_thresholds"] = results["tuning"]["thresholds"]
     results.pop("_scores", None)
     results.pop("_indices", None)
     step = int(meta.get("step", 0)) if meta.get("step") else None
@@ -192,6 +187,57 @@ def evaluate_checkpoint(config: EvalConfig, checkpoint: Optional[Path] = None) -
                                                   title=f"{spec.name} on {split}"))
     _write_events(out_dir / "eval", results, step or 0)
     return results
+
+
+def _training_split(weights: Path) -> Optional[str]:
+    """The split the checkpoint's run trained on, from the config.yaml beside it (None if unknown)."""
+    saved = weights.parent / "config.yaml"
+    if not saved.is_file():
+        return None
+    try:
+        import yaml
+
+        data = yaml.safe_load(saved.read_text(encoding="utf-8")) or {}
+    except (OSError, ValueError, ImportError):
+        return None
+    resolved = data.get("resolved") if isinstance(data, dict) else None
+    split = resolved.get("split") if isinstance(resolved, dict) else None
+    return str(split) if split else None
+
+
+def _splits_overlap(a: str, b: str) -> bool:
+    """True when two split names share images (VOC's trainval holds train and val)."""
+    return a == b or {a, b} in ({"trainval", "train"}, {"trainval", "val"}, {"all", a}, {"all", b})
+
+
+def _tune_and_save(results: dict[str, Any], source: Any, weights: Path, split: str, dataset: str,
+                   used: Any) -> dict[str, Any]:
+    """Tune per-class F1 thresholds on the evaluated scores, save them beside the checkpoint, and
+    measure CF1/OF1 at the tuned thresholds (the ones eval and predict use from now on)."""
+    from .metrics import threshold_metrics, tune_thresholds
+
+    targets = np.stack([np.asarray(source.targets()[i], dtype=np.float32) for i in results["_indices"]])
+    scores = results["_scores"]
+    tuned = tune_thresholds(scores, targets)
+    before = threshold_metrics(scores, targets, used)
+    after = threshold_metrics(scores, targets, tuned)
+    trained_on = _training_split(weights)
+    overlap = trained_on is not None and _splits_overlap(trained_on, split)
+    saved = weights.parent / THRESHOLDS_FILENAME
+    saved.write_text(json.dumps({"thresholds": tuned.tolist(), "split": split, "dataset": dataset,
+                                 "checkpoint": weights.name, "CF1": after["CF1"], "OF1": after["OF1"]}, indent=1))
+    old = used if np.ndim(used) == 0 else "saved per-class"
+    summary = (f"tuned {len(tuned)} per-class thresholds (each class's best F1) on {dataset} split {split!r}, "
+               f"{len(targets)} images: CF1 {before['CF1']:.4f} -> {after['CF1']:.4f}, OF1 {before['OF1']:.4f} -> "
+               f"{after['OF1']:.4f} (from thresholds {old} to the tuned ones, on this same split); saved to {saved}; "
+               f"eval and predict of this checkpoint use them from now on")
+    if overlap:
+        summary += (f". WARNING: the model trained on split {trained_on!r}, which holds these images: tuned "
+                    f"thresholds and their F1 are optimistic; tune on a held-out split")
+    return {"thresholds": tuned.tolist(), "file": str(saved), "split": split, "dataset": dataset,
+            "CF1": after["CF1"], "OF1": after["OF1"], "CP": after["CP"], "CR": after["CR"],
+            "OP": after["OP"], "OR": after["OR"], "CF1_before": before["CF1"], "OF1_before": before["OF1"],
+            "training_split": trained_on, "tuned_on_training_images": overlap, "summary": summary}
 
 
 def _names_text(multi_label: bool, names: list[str], count: int) -> str:
