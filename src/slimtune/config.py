@@ -106,6 +106,8 @@ class TrainConfig(DataSettings):
     device: str = _flag("auto", "cpu, cuda, cuda:N or auto")
     channels_last: Optional[bool] = _flag(None, "channels-last memory format (default: on)")
     amp: bool = _flag(False, "mixed precision (bfloat16 on CPU, float16 on CUDA)")
+    verbose: bool = _flag(False, "print the restore plan tensor by tensor (it is always saved as "
+                                 "restore_plan.txt in train_dir)")
     config: Optional[str] = _flag(None, "YAML file with any of these settings (flags override it)")
 
 

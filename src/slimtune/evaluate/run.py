@@ -113,10 +113,10 @@ def load_for_eval(checkpoint_path: str | Path, model_name: Optional[str], num_cl
         model = spec.build(classes, image_size=trained_size)
         ckpt.load_weights_into(model, weights)
     else:
-        from ..checkpoint.restore import restore
+        from ..checkpoint.restore import LOAD_ADVICE, restore
 
         model = spec.build(classes if classes is not None else spec.checkpoint_num_classes)
-        restore(model, str(checkpoint_path))
+        restore(model, str(checkpoint_path), advice=LOAD_ADVICE)  # eval/predict can exclude nothing
     return model.to(device).eval(), spec, meta, weights
 
 

@@ -112,11 +112,9 @@ def _warm_start(model: nn.Module, config: TrainConfig, runtime: Runtime) -> Any:
     """Restore --checkpoint_path with the exclusions, name maps and policies asked for; print the plan."""
     from ..checkpoint.restore import restore
 
-    plan = restore(model, config.checkpoint_path, exclude_scopes=config.checkpoint_exclude_scopes or (),
-                   name_map=config.checkpoint_name_map or None, ignore_missing_vars=config.ignore_missing_vars,
-                   dry_run=config.dry_run)
-    _say(str(plan), runtime)
-    return plan
+    from .dry_run import restore_and_report
+
+    return restore_and_report(model, config, say=lambda message: _say(message, runtime), is_main=runtime.is_main)
 
 
 def _trainable_names(model: nn.Module, config: TrainConfig) -> Optional[set[str]]:
@@ -171,7 +169,7 @@ def train(config: TrainConfig) -> TrainResult:
 
 def _train(config: TrainConfig, runtime: Runtime) -> TrainResult:
     train_dir = Path(config.train_dir)
-    if runtime.is_main:
+    if runtime.is_main and not config.dry_run:  # a dry run creates nothing
         train_dir.mkdir(parents=True, exist_ok=True)
         _setup_logging(train_dir, runtime.is_main)
     seed_everything(config.seed + runtime.rank, config.deterministic)
@@ -191,18 +189,27 @@ def _train(config: TrainConfig, runtime: Runtime) -> TrainResult:
     model = build_model(spec, num_classes, config)
 
     # Restore: a checkpoint in train_dir wins (resume everything); else warm-start.
+    plan = None
     if latest is not None:
         if config.checkpoint_path:
             _say(f"Ignoring --checkpoint_path because a checkpoint already exists in {train_dir} "
                  f"(step {latest.step}); resuming from it", runtime)
         ckpt.load_weights_into(model, latest.weights)
     elif config.checkpoint_path:
-        _warm_start(model, config, runtime)
+        plan = _warm_start(model, config, runtime)
     trainable = _trainable_names(model, config)
     trainable_count = apply_trainable_scopes(model, trainable, config.freeze_batch_norm)
     total_count = sum(p.numel() for p in model.parameters())
     if config.dry_run:
-        _say(f"dry run: {trainable_count:,} of {total_count:,} parameters would train; nothing was trained", runtime)
+        from .dry_run import finish_dry_run
+
+        finish_dry_run(config, plan, trainable_count, total_count, say=lambda message: _say(message, runtime),
+                       resolved={"model": spec.name, "num_classes": num_classes, "multi_label": multi_label,
+                                 "split": split, "num_samples": len(source),
+                                 "image_size": config.train_image_size or spec.default_image_size,
+                                 "preprocessing": config.preprocessing_name or spec.preprocessing,
+                                 "total_steps": _steps(config, len(source), runtime)[2],
+                                 "resume_from": str(latest.weights) if latest else None})
         return TrainResult(train_dir, latest.step if latest else 0, latest.weights if latest else None)
     if trainable_count == 0:
         raise ConfigError(f"--trainable_scopes {config.trainable_scopes!r} leaves nothing to train")
