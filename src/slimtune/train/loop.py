@@ -132,8 +132,10 @@ def _steps(config: TrainConfig, num_samples: int, runtime: Runtime) -> tuple[int
     if num_samples < global_batch:
         raise DataError(f"the split has {num_samples} images, fewer than one batch of {global_batch}; "
                         f"lower --batch_size")
-    batches_per_epoch = num_samples // global_batch
-    steps_per_epoch = num_samples / global_batch
+    # Every image each epoch: the last, partial batch is kept (under DDP each rank gets the same
+    # number of images, so at most world_size - 1 are left out of an epoch).
+    batches_per_epoch = math.ceil((num_samples // runtime.world_size) / config.batch_size)
+    steps_per_epoch = float(batches_per_epoch)
     if config.max_number_of_steps is not None:
         total = config.max_number_of_steps
     elif config.num_epochs is not None:
@@ -232,7 +234,7 @@ def _train(config: TrainConfig, runtime: Runtime) -> TrainResult:
                           training=True, channels=spec.in_channels, num_workers=default_num_workers(config.num_workers),
                           seed=config.seed, on_bad_image=config.on_bad_image, rank=runtime.rank,
                           world_size=runtime.world_size, labels_offset=config.labels_offset,
-                          pin_memory=runtime.device.type == "cuda")
+                          pin_memory=runtime.device.type == "cuda", drop_last=False)
     batches_per_epoch, steps_per_epoch, total_steps = _steps(config, len(source), runtime)
 
     # Optimizer and schedule.
@@ -277,7 +279,9 @@ def _train(config: TrainConfig, runtime: Runtime) -> TrainResult:
                     {"resolved": {"model": spec.name, "num_classes": num_classes, "multi_label": multi_label,
                                   "split": split, "num_samples": len(source), "image_size": image_size,
                                   "world_size": runtime.world_size, "total_steps": total_steps,
-                                  "steps_per_epoch": steps_per_epoch, "device": str(runtime.device),
+                                  "steps_per_epoch": steps_per_epoch, "batches_per_epoch": batches_per_epoch,
+                                  "epochs": (total_steps / batches_per_epoch) if total_steps is not None else None,
+                                  "device": str(runtime.device),
                                   "trainable_parameters": trainable_count, "parameters": total_count},
                      "versions": _versions()})
         dump_config(config, train_dir / f"config-{time.strftime('%Y%m%d-%H%M%S')}.yaml", {"versions": _versions()})
