@@ -11,6 +11,7 @@ import io
 import json
 import os
 import pickle
+import pickletools
 import struct
 import zipfile
 from collections.abc import Iterable, Mapping
@@ -280,6 +281,9 @@ class _BoundedFile(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
+    def tell(self) -> int:
+        return self._handle.tell()
+
     def readinto(self, buffer: Any) -> int:
         remaining = self._end - self._handle.tell()
         view = memoryview(buffer)[: max(0, remaining)]
@@ -378,6 +382,13 @@ class NumpyReader(CheckpointReader):
                 )
             try:
                 bounded = _BoundedFile(handle, file_size)
+                # The C unpickler allocates a counted opcode's claimed length before reading it (a
+                # BINBYTES claiming 4 GiB allocated 4 GiB); pickletools reads only what the file
+                # holds, so a first pass over the opcodes refuses any length the file cannot back.
+                start = handle.tell()
+                for _ in pickletools.genops(bounded):
+                    pass
+                handle.seek(start)
                 unpickler = _RestrictedUnpickler(bounded, max_bytes=file_size, encoding="latin1")
                 obj = unpickler.load()
             except CheckpointError as exc:
