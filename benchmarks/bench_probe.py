@@ -31,7 +31,7 @@ from slimtune.data.loader import build_loader  # noqa: E402
 from slimtune.nets.base import pooled_features  # noqa: E402
 from slimtune.nets.registry import get_model_spec  # noqa: E402
 from slimtune.preprocessing import get_preprocessing  # noqa: E402
-from slimtune.probe import run_probe  # noqa: E402
+from slimtune.probe import resolve_endpoints, run_probe  # noqa: E402
 
 RATES = [1e-3, 1e-2, 1e-1]
 
@@ -76,7 +76,9 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count() or 1)
     endpoints = args.endpoints.split(",")
     spec = get_model_spec(args.model)
-    full_names = [f"{spec.scope}/{e}" if "/" not in e else e for e in endpoints]
+    with torch.no_grad():
+        available = list(spec.build(0).forward_endpoints(torch.zeros(1, 3, args.image_size, args.image_size))[1])
+    full_names = resolve_endpoints(available, endpoints, spec.scope)
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "photos"
         for split in ("train", "validation"):

@@ -14,7 +14,7 @@ def test_demo_runs_the_whole_workflow_and_points_at_its_outputs(tmp_path, capsys
     train_dir = tmp_path / "train"
     assert (train_dir / "model.ckpt-40.safetensors").is_file() and (train_dir / "config.yaml").is_file()
     assert list(train_dir.glob("events.out.tfevents.*"))
-    results = json.loads((train_dir / "model.ckpt-40.eval-test.json").read_text())
+    results = json.loads((train_dir / "model.ckpt-40.eval-digits-test.json").read_text())
     assert results["num_samples"] == 355 and results["Accuracy"] > 0.5
     assert len(list((tmp_path / "held_out").glob("digit_*_true_*.png"))) == 8
     for expected in ("checkpoints:", "TensorBoard logs:", "evaluation results:", "evaluation report:",

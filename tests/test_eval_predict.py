@@ -69,11 +69,11 @@ def test_watch_evaluates_each_new_checkpoint(trained, tmp_path):
                         train_dir / f"model.ckpt-{step}{suffix}")
         (train_dir / "checkpoint").write_text(f'model_checkpoint_path: "model.ckpt-{step}.safetensors"\n')
         deadline = time.time() + 60  # wait until the watcher has evaluated this checkpoint
-        while not (train_dir / f"model.ckpt-{step}.eval-test.json").exists() and time.time() < deadline:
+        while not (train_dir / f"model.ckpt-{step}.eval-digits-test.json").exists() and time.time() < deadline:
             time.sleep(0.1)
     watcher.join(timeout=60)
     assert [Path(r["checkpoint"]).name for r in results] == ["model.ckpt-5.safetensors", "model.ckpt-9.safetensors"]
-    assert (train_dir / "model.ckpt-9.eval-test.json").is_file()
+    assert (train_dir / "model.ckpt-9.eval-digits-test.json").is_file()
 
 
 def test_predict_top_k_with_names_from_folders_and_globs(trained, tmp_path, capsys):

@@ -92,8 +92,39 @@ def test_multi_label_csv_cells_and_columns(photos):
 
 def test_single_label_manifest_rejects_lines_without_one_label(photos):
     manifest = _write(photos / "one.csv", "path,label\nimg/cat.jpg,cat\nimg/cup.jpg,\n")
-    with pytest.raises(DataError, match=r"one.csv:3: expected one label, found 0"):
+    with pytest.raises(DataError, match=r"one.csv:3: no label, but this manifest is single-label"):
         ManifestSource(manifest, multi_label=False)
+    several = _write(photos / "two.csv", "path,label\nimg/cat.jpg,cat\nimg/cup.jpg,cup;cat\n")
+    with pytest.raises(DataError, match=r"two.csv:3: expected one label, found 2"):
+        ManifestSource(several, multi_label=False)
+
+
+def test_one_empty_label_cell_does_not_make_the_dataset_multi_label(photos):
+    """A forgotten cell is an error naming file and line, not a silent switch to multi-label."""
+    manifest = _write(photos / "one.csv", "path,label\nimg/cat.jpg,cat\nimg/cup.jpg,cup\nimg/rocket.jpg,\n")
+    with pytest.raises(DataError, match=r"one.csv:4: no label, but this manifest is single-label"):
+        ManifestSource(manifest)
+    # The same in JSON lines (a null label) and in a headerless CSV.
+    jsonl = _write(photos / "one.jsonl", '{"path": "img/cat.jpg", "label": "cat"}\n'
+                                         '{"path": "img/cup.jpg", "label": null}\n')
+    with pytest.raises(DataError, match=r"one.jsonl:2: no label"):
+        ManifestSource(jsonl)
+    with pytest.raises(DataError, match=r"bare.csv:2: no label"):
+        ManifestSource(_write(photos / "bare.csv", "img/cat.jpg,cat\nimg/cup.jpg\n"))
+    # Asked for on purpose, the empty cell is an image with no positive class.
+    chosen = ManifestSource(manifest, multi_label=True)
+    assert chosen.multi_label
+    np.testing.assert_array_equal(np.stack(chosen.targets()), [[1, 0], [0, 1], [0, 0]])
+
+
+def test_build_source_passes_the_task_type_to_a_manifest(photos):
+    from slimtune.data import build_source
+
+    manifest = _write(photos / "data.csv", "path,label\nimg/cat.jpg,cat\nimg/cup.jpg,cup\n")
+    assert not build_source(dataset_dir=str(manifest)).multi_label
+    multi = build_source(dataset_dir=str(manifest), multi_label=True)
+    assert multi.multi_label
+    np.testing.assert_array_equal(np.stack(multi.targets()), [[1, 0], [0, 1]])
 
 
 def test_jsonl_labels_lists_and_ignore(photos):

@@ -38,6 +38,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         return 0
     results = evaluate_checkpoint(config)
     print(headline(results), file=sys.stderr)
+    if results.get("tuning"):
+        print(results["tuning"]["summary"], file=sys.stderr)
     print(f"results: {results['results_file']}" + (f"\nreport: {results['report_file']}"
                                                    if results.get("report_file") else ""), file=sys.stderr)
     summary = {k: results[k] for k in ("Accuracy", "Recall_5", "mAP", "mAP_voc07", "num_samples", "num_skipped",

@@ -50,16 +50,14 @@ class DataSettings:
                                               "before decoding (Pillow warns at ~89 M)")
 
     def __post_init__(self) -> None:
+        # Every way of making settings (flags, YAML, code) is checked here, when they are made.
+        validate_config(self)
+        if type(self.max_image_pixels) is not int or self.max_image_pixels < 1:
+            raise ConfigError(f"--max_image_pixels must be a positive integer, got {self.max_image_pixels!r}")
         # The decoders (and the loader workers they run in) read the limit from the environment.
         import os
 
-        if type(self.max_image_pixels) is not int or self.max_image_pixels < 1:
-            raise ConfigError(f"--max_image_pixels must be a positive integer, got {self.max_image_pixels!r}")
         os.environ["SLIMTUNE_MAX_IMAGE_PIXELS"] = str(self.max_image_pixels)
-
-    def __post_init__(self) -> None:
-        # Every way of making settings (flags, YAML, code) is checked here, when they are made.
-        validate_config(self)
 
 
 @dataclass
@@ -122,6 +120,8 @@ class TrainConfig(DataSettings):
     device: str = _flag("auto", "cpu, cuda, cuda:N or auto")
     channels_last: Optional[bool] = _flag(None, "channels-last memory format (default: on)")
     amp: bool = _flag(False, "mixed precision (bfloat16 on CPU, float16 on CUDA)")
+    verbose: bool = _flag(False, "print the restore plan tensor by tensor (it is always saved as "
+                                 "restore_plan.txt in train_dir)")
     config: Optional[str] = _flag(None, "YAML file with any of these settings (flags override it)")
 
 

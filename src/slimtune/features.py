@@ -153,7 +153,7 @@ def features_command(*, model_name: Optional[str], endpoint: str, images: Sequen
                      image_size: Optional[int] = None, preprocessing_name: Optional[str] = None,
                      batch_size: int = 32, device: str = "auto", name_map: Optional[Sequence[str]] = None) -> Path:
     """`slimtune features`: decode + eval-preprocess images, run the net, store one end point."""
-    from .checkpoint.restore import restore
+    from .checkpoint.restore import FEATURES_ADVICE, restore
     from .data.decode import decode_image
     from .nets.registry import get_model_spec
     from .predict import expand_inputs
@@ -173,7 +173,8 @@ def features_command(*, model_name: Optional[str], endpoint: str, images: Sequen
         spec = get_model_spec(model_name)
         model = spec.build(spec.checkpoint_num_classes if num_classes is None else num_classes)
         if checkpoint_path:
-            restore(model, checkpoint_path, name_map=list(name_map) if name_map else None)
+            # Advice in the plan names only flags `slimtune features` accepts.
+            restore(model, checkpoint_path, name_map=list(name_map) if name_map else None, advice=FEATURES_ADVICE)
     model.to(torch_device)
     paths = expand_inputs(images)
     size = image_size or (int(meta["image_size"]) if meta.get("image_size") else spec.default_image_size)

@@ -75,6 +75,18 @@ class CheckpointTensor:
     reason: str = ""  # empty for unused tensors; the reason for ignored-by-design ones
 
 
+# The flag that fixes each kind of problem, per command. `train` has them all; a command without
+# one gets advice in words (its plan never names a flag that command refuses).
+TRAIN_ADVICE = {"exclude": "--checkpoint_exclude_scopes", "ignore_missing": "--ignore_missing_vars",
+                "name_map": "--checkpoint_name_map", "verbose": "--verbose"}
+# eval and predict rebuild a net to read a checkpoint: nothing can be left out there.
+LOAD_ADVICE: dict[str, Optional[str]] = {"exclude": None, "ignore_missing": None, "name_map": None, "verbose": None}
+# features builds a net by name and class count and may map a foreign checkpoint's names.
+FEATURES_ADVICE: dict[str, Optional[str]] = {**LOAD_ADVICE, "name_map": "--checkpoint_name_map",
+                                             "classes": "--num_classes"}
+INPUT_CHANNELS_NOTE = "input channels"
+
+
 @dataclass
 class RestorePlan:
     """Every tensor's fate; `ok` is False when something nobody excluded or ignored cannot load."""
@@ -91,6 +103,13 @@ class RestorePlan:
     ignore_missing_vars: bool = False
     dry_run: bool = False
     applied: bool = False
+    #: flags the calling command accepts, by the problem they fix (see TRAIN_ADVICE)
+    advice: dict[str, Optional[str]] = field(default_factory=lambda: dict(TRAIN_ADVICE))
+    #: ways the checkpoint's network computes differently from this one although tensors pair up
+    #: (another architecture's stride placement, padding or preprocessing); not problems, but never "No problems"
+    differences: list[str] = field(default_factory=list)
+    #: what the nets are, for the differences check and the summary (e.g. 'torchvision ResNet')
+    checkpoint_layout: str = ""
 
     def _with(self, status: str) -> list[TensorFate]:
         return [f for f in self.fates if f.status == status]
@@ -120,21 +139,41 @@ class RestorePlan:
         """Net tensors whose checkpoint tensor has another shape."""
         return self._with("mismatched")
 
+    def _channel_mismatches(self) -> list[TensorFate]:
+        return [f for f in self.mismatched if f.note.startswith(INPUT_CHANNELS_NOTE)]
+
+    def _excludable(self) -> list[TensorFate]:
+        return [f for f in self.mismatched if not f.note.startswith(INPUT_CHANNELS_NOTE)]
+
     @property
     def problems(self) -> list[str]:
-        """One line per problem, each ending in the flag that fixes it."""
+        """One line per problem, each ending in what fixes it (a flag the command accepts)."""
         lines = []
+        exclude, ignore, name_map = (self.advice.get(k) for k in ("exclude", "ignore_missing", "name_map"))
         for fate in self.mismatched:
-            lines.append(f"{fate.display}: checkpoint {_fmt(fate.checkpoint_shape)}, net {_fmt(fate.model_shape)}: "
-                         f"add --checkpoint_exclude_scopes={fate.scope}")
+            shapes = f"{fate.display}: checkpoint {_fmt(fate.checkpoint_shape)}, net {_fmt(fate.model_shape)}: "
+            if fate.note.startswith(INPUT_CHANNELS_NOTE):
+                stored, wanted = fate.note.split(":", 1)[1].split("->")
+                lines.append(shapes + f"the checkpoint's first conv reads {stored.strip()}-channel images, the net "
+                             f"{wanted.strip()}-channel ones: set the net's input channels to {stored.strip()} "
+                             f"(its in_channels) rather than dropping the pretrained first layer")
+            elif exclude:
+                lines.append(shapes + f"add {exclude}={fate.scope}")
+            else:
+                classes = self.advice.get("classes")
+                lines.append(shapes + "this checkpoint was made for another net or class count: pass the "
+                             f"--model_name{f' and {classes}' if classes else ''} it was trained with")
         if not self.ignore_missing_vars:
             for fate in self.missing:
+                fixes = [f for f in (ignore, name_map and f"check {name_map}") if f]
                 lines.append(f"{fate.display}: not in the checkpoint (looked for {fate.checkpoint_name}): "
-                             f"add --ignore_missing_vars or check --checkpoint_name_map")
+                             + (f"add {' or '.join(fixes)}" if fixes else
+                                "this checkpoint was made for another net: pass the --model_name it was trained with"))
         wanted = [f for f in self.fates if f.status != "excluded"]
         if wanted and not any(f.checkpoint_shape is not None for f in wanted):
             lines.append("no checkpoint tensor matched any net tensor: is this the checkpoint of another net? "
-                         "map its names with --checkpoint_name_map (rules or 'auto')")
+                         + (f"map its names with {name_map} (rules or 'auto')" if name_map else
+                            "pass the --model_name it was trained with"))
         return lines
 
     @property
@@ -145,11 +184,12 @@ class RestorePlan:
     def fix(self) -> str:
         """The flags that fix every problem at once (empty when ok)."""
         flags = []
-        scopes = list(dict.fromkeys(f.scope for f in self.mismatched))
-        if scopes:
-            flags.append("--checkpoint_exclude_scopes=" + ",".join(self.exclude_scopes_display() + scopes))
-        if self.missing and not self.ignore_missing_vars:
-            flags.append("--ignore_missing_vars (or a --checkpoint_name_map rule for the missing names)")
+        exclude, ignore, name_map = (self.advice.get(k) for k in ("exclude", "ignore_missing", "name_map"))
+        scopes = list(dict.fromkeys(f.scope for f in self._excludable()))
+        if scopes and exclude:
+            flags.append(f"{exclude}=" + ",".join(self.exclude_scopes_display() + scopes))
+        if self.missing and not self.ignore_missing_vars and ignore:
+            flags.append(ignore + (f" (or a {name_map} rule for the missing names)" if name_map else ""))
         return " ".join(flags)
 
     def exclude_scopes_display(self) -> list[str]:
@@ -166,8 +206,7 @@ class RestorePlan:
                   f"{len(self.ignored)} ignored by design"]
         return f"restore {self.source} -> {self.model_label}: " + ", ".join(parts)
 
-    def report(self) -> str:
-        """The full report: counts, every tensor's fate grouped, then the problems and their fixes."""
+    def _header(self) -> list[str]:
         out = [f"Restore plan: {self.source} -> {self.model_label} "
                f"({'slim names, TF layout' if self.spelling == 'slim' else 'torch names and layout'})"
                + ("  [dry run: nothing loaded]" if self.dry_run else "")]
@@ -175,6 +214,67 @@ class RestorePlan:
             out.append(f"  name map: {', '.join(self.rules)}")
         if self.exclude_scopes:
             out.append(f"  exclude scopes: {', '.join(self.exclude_scopes_display())}")
+        return out
+
+    def _ending(self) -> list[str]:
+        """The differences, then the problems with their fixes, or 'No problems.'."""
+        out = []
+        if self.differences:
+            out.append("")
+            out.append(f"The checkpoint's network computes differently ({self.checkpoint_layout}); its weights load "
+                       f"by shape, but expect other outputs until fine-tuned ({len(self.differences)}):")
+            out += [f"  {line}" for line in self.differences]
+        problems = self.problems
+        out.append("")
+        if problems:
+            out.append(f"Problems ({len(problems)}):")
+            out += [f"  {line}" for line in problems]
+            fix = self.fix()
+            if fix:
+                out.append(f"Fix: {fix}")
+        elif self.differences:
+            out.append("No tensor problems, but see the differences above." + (" Loaded." if self.applied else ""))
+        else:
+            out.append("No problems." + (" Loaded." if self.applied else ""))
+        return out
+
+    def scope_counts(self) -> dict[str, dict[str, int]]:
+        """Net tensors per layer group (the net scope and one level below) and fate."""
+        groups: dict[str, dict[str, int]] = {}
+        sep = "/" if self.spelling == "slim" else "."
+        for fate in self.fates:
+            parts = fate.display.split(sep)
+            key = sep.join(parts[:2]) if len(parts) > 2 else parts[0]
+            counts = groups.setdefault(key, {"loaded": 0, "excluded": 0, "missing": 0, "mismatched": 0})
+            counts[fate.status] += 1
+        return groups
+
+    def summary_report(self, full_plan: Optional[str] = None) -> str:
+        """What a run prints: counts by scope, then every problem with its fix; the tensor-by-tensor
+        list lives in `report()` (printed with --verbose, saved as `full_plan` when given)."""
+        out = self._header()
+        totals = [f"{len(self.loaded)} loaded"] + ([f"{len(self.adapted)} adapted (1001 <-> 1000 classes)"]
+                                                  if self.adapted else [])
+        totals += [f"{len(self.excluded)} excluded", f"{len(self.missing)} missing"
+                   + (" (ignored: --ignore_missing_vars)" if self.missing and self.ignore_missing_vars else ""),
+                   f"{len(self.mismatched)} mismatched", f"{len(self.unused)} checkpoint tensors unused",
+                   f"{len(self.ignored)} ignored by design"]
+        out.append("  " + ", ".join(totals))
+        if self.auto_mapping:
+            out.append(f"  automatic mapping paired {len(self.auto_mapping)} tensors")
+        columns = ("loaded", "excluded", "missing", "mismatched")
+        rows = [(scope, *(str(counts[c]) if counts[c] else "" for c in columns))
+                for scope, counts in self.scope_counts().items()]
+        out += _columns([("by scope", *columns)] + rows)
+        out += self._ending()
+        if full_plan or self.advice.get("verbose"):
+            out.append(f"Every tensor's fate: {full_plan}" if full_plan else
+                       f"Every tensor's fate: rerun with {self.advice['verbose']}")
+        return "\n".join(out)
+
+    def report(self) -> str:
+        """The full report: counts, every tensor's fate grouped, then the problems and their fixes."""
+        out = self._header()
         counts = [("loaded", len(self.loaded), f"{len(self.adapted)} adapted (1001 <-> 1000 classes)" if self.adapted else ""),
                   ("excluded", len(self.excluded), ""),
                   ("missing", len(self.missing), "ignored (--ignore_missing_vars)" if self.missing and self.ignore_missing_vars else ""),
@@ -212,16 +312,7 @@ class RestorePlan:
                 out.append("")
                 out.append(f"{title} ({len(tensors)}):")
                 out += _columns([(t.name, _fmt(t.shape), t.reason) for t in tensors])
-        problems = self.problems
-        out.append("")
-        if problems:
-            out.append(f"Problems ({len(problems)}):")
-            out += [f"  {line}" for line in problems]
-            fix = self.fix()
-            if fix:
-                out.append(f"Fix: {fix}")
-        else:
-            out.append("No problems." + (" Loaded." if self.applied else ""))
+        out += self._ending()
         return "\n".join(out)
 
     def __str__(self) -> str:
@@ -345,10 +436,36 @@ def _layer_scope(model_name: str) -> str:
     return ".".join(parts) or model_name
 
 
+def _first_conv_key(model: nn.Module, keys: Sequence[str], state: Mapping) -> Optional[str]:
+    """The state_dict key of the net's first convolution kernel (what reads the image)."""
+    spec = getattr(model, "spec", None)
+    first = getattr(spec, "first_conv", "") if spec is not None else ""
+    if first:
+        wanted = first.replace("/", ".") + ".weight"
+        found = [k for k in keys if strip_wrappers(k) == wanted]
+        if found:
+            return found[0]
+    return next((k for k in keys if k.endswith("weight") and state[k].dim() == 4), None)
+
+
+def _input_channels_only(name: str, stored: Shape, target: Shape, tf_layout: bool) -> Optional[tuple[int, int]]:
+    """(checkpoint, net) input channels when a conv kernel differs in nothing else."""
+    natural = _convert_shape(name, stored, None, tf_layout)
+    if len(natural) == 4 == len(target) and natural[0] == target[0] and natural[2:] == tuple(target[2:]) \
+            and natural[1] != target[1]:
+        return natural[1], target[1]
+    return None
+
+
 def plan_restore(model: nn.Module, checkpoint: CheckpointArg, exclude_scopes: ScopesArg = (),
                  name_map: Union[None, str, Sequence[str], NameMap] = None,
-                 ignore_missing_vars: bool = False) -> tuple[RestorePlan, Mapping, dict[str, tuple]]:
-    """Work out the plan without loading; also returns the opened checkpoint and the load steps."""
+                 ignore_missing_vars: bool = False,
+                 advice: Optional[Mapping[str, Optional[str]]] = None) -> tuple[RestorePlan, Mapping, dict[str, tuple]]:
+    """Work out the plan without loading; also returns the opened checkpoint and the load steps.
+
+    `advice` names the flags of the calling command that fix each kind of problem (default:
+    train's, TRAIN_ADVICE); a problem without such a flag is explained in words.
+    """
     source, ckpt = _open(checkpoint)
     rules = NameMap.parse(name_map)
     state = model.state_dict(keep_vars=True)
@@ -431,7 +548,9 @@ def plan_restore(model: nn.Module, checkpoint: CheckpointArg, exclude_scopes: Sc
 
     plan = RestorePlan(source=source, model_label=type(model).__name__, spelling="slim" if slim else "torch",
                        ignored=ignored, auto_mapping=auto_mapping, rules=[r.text for r in rules.rules] + (["auto"] if rules.auto else []),
-                       exclude_scopes=parse_scopes(exclude_scopes), ignore_missing_vars=ignore_missing_vars)
+                       exclude_scopes=parse_scopes(exclude_scopes), ignore_missing_vars=ignore_missing_vars,
+                       advice=dict(TRAIN_ADVICE if advice is None else advice))
+    first_conv = _first_conv_key(model, model_keys, state)
     steps: dict[str, tuple] = {}
     for key in model_keys:
         target = tuple(state[key].shape)
@@ -457,6 +576,9 @@ def plan_restore(model: nn.Module, checkpoint: CheckpointArg, exclude_scopes: Sc
                     steps[key] = (ckpt_by_clean[name], name, target, classes)
                 else:
                     fate.status = "mismatched"
+                    channels = _input_channels_only(name, stored, target, slim) if key == first_conv else None
+                    if channels is not None:
+                        fate.note = f"{INPUT_CHANNELS_NOTE}: {channels[0]} -> {channels[1]}"
         else:
             fate.checkpoint_name = looked_for[key]
             if clean_of[key] in excluded_clean:
@@ -464,25 +586,30 @@ def plan_restore(model: nn.Module, checkpoint: CheckpointArg, exclude_scopes: Sc
         plan.fates.append(fate)
     plan.unused = [CheckpointTensor(ckpt_by_clean[n], _shape(ckpt, ckpt_by_clean[n]))
                    for n in ckpt_by_clean if n not in consumed]
+    if plan.loaded:
+        from .layouts import architecture_differences
+
+        plan.checkpoint_layout, plan.differences = architecture_differences(list(ckpt_by_clean), model)
     return plan, ckpt, steps
 
 
 def restore(model: nn.Module, checkpoint: CheckpointArg, exclude_scopes: ScopesArg = (),
             name_map: Union[None, str, Sequence[str], NameMap] = None, ignore_missing_vars: bool = False,
-            dry_run: bool = False) -> RestorePlan:
+            dry_run: bool = False, advice: Optional[Mapping[str, Optional[str]]] = None) -> RestorePlan:
     """Restore `model` from a checkpoint path or a name -> array mapping; return the plan.
 
-    Raises RestoreError (message = the plan's report, `.plan` = the plan) when a tensor nobody
-    excluded or ignored is missing or has another shape; nothing is loaded then. `dry_run`
-    loads nothing and returns the plan, problems included.
+    Raises RestoreError (message = the plan's summary: counts by scope, every problem and its
+    fix; `.plan` = the plan, `str(plan)` lists every tensor) when a tensor nobody excluded or
+    ignored is missing or has another shape; nothing is loaded then. `dry_run` loads nothing and
+    returns the plan, problems included. `advice`: see `plan_restore`.
     """
-    plan, ckpt, steps = plan_restore(model, checkpoint, exclude_scopes, name_map, ignore_missing_vars)
+    plan, ckpt, steps = plan_restore(model, checkpoint, exclude_scopes, name_map, ignore_missing_vars, advice)
     plan.dry_run = dry_run
     try:
         if dry_run:
             return plan
         if not plan.ok:
-            error = RestoreError(plan.report())
+            error = RestoreError(plan.summary_report())
             error.plan = plan  # type: ignore[attr-defined]
             raise error
         _load(model, ckpt, steps, tf_layout=plan.spelling == "slim")

@@ -688,6 +688,13 @@ class NumpyReader(CheckpointReader):
                     pass
                 handle.seek(start)
                 bounded = _BoundedFile(handle, file_size)
+                # The C unpickler allocates a counted opcode's claimed length before reading it (a
+                # BINBYTES claiming 4 GiB allocated 4 GiB); pickletools reads only what the file
+                # holds, so a first pass over the opcodes refuses any length the file cannot back.
+                start = handle.tell()
+                for _ in pickletools.genops(bounded):
+                    pass
+                handle.seek(start)
                 unpickler = _RestrictedUnpickler(bounded, max_bytes=file_size, encoding="latin1")
                 obj = unpickler.load()
             except CheckpointError as exc:

@@ -49,7 +49,7 @@ def resolve_split(dataset_name: Optional[str], dataset_dir: Optional[str], split
 
 
 def build_source(dataset_name: Optional[str] = None, dataset_dir: Optional[str] = None,
-                 split: str = "train") -> ImageSource | StreamSource:
+                 split: str = "train", multi_label: Optional[bool] = None) -> ImageSource | StreamSource:
     """Open a dataset by name and/or directory.
 
     - `digits` (bundled): scikit-learn's handwritten digits, splits train/test.
@@ -60,6 +60,9 @@ def build_source(dataset_name: Optional[str] = None, dataset_dir: Optional[str] 
     - a .npz of numpy arrays (`images` uint8 NHWC/NHW/NCHW + `labels`, or `<split>_images` + …).
     - a directory converted by `slimtune data convert` (TFRecords + slimtune_dataset.json).
     - an image folder `dir/<class>/…`, or `dir/<split>/<class>/…`.
+
+    multi_label (None: as the data says) decides a manifest's task type; a line contradicting
+    it is an error naming the file and line.
     """
     split = resolve_split(dataset_name, dataset_dir, split)
     if dataset_name == "digits" or (dataset_name is None and dataset_dir is None):
@@ -81,6 +84,9 @@ def build_source(dataset_name: Optional[str] = None, dataset_dir: Optional[str] 
         return load_npz_source(root, split)
     from .sources import detect_source, get_source_kind
     kind = get_source_kind("voc") if dataset_name == "voc" else detect_source(root)
+    if kind.name == "manifest":
+        from .manifest import ManifestSource
+        return ManifestSource(root, multi_label=multi_label)
     return kind.open(root, split)
 
 __all__ = ["IGNORE", "ImageSource", "StreamSource", "available_splits", "build_source", "read_labels_file",

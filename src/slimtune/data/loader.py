@@ -393,10 +393,13 @@ def build_loader(source: ImageSource | StreamSource, transform: Transform, image
         dataset = StreamDataset(source, maker, shuffle=training, buffer_size=max(10 * batch_size, 256),
                                 rank=rank, world_size=world_size)
         # Workers are re-created each epoch so that their dataset copy sees the new epoch.
-        return DataLoader(dataset, drop_last=drop_last, persistent_workers=False, **common)
+        return DataLoader(dataset, drop_last=drop_last or (training and world_size > 1), persistent_workers=False,
+                          **common)
     dataset = ImageDataset(source, maker)
+    # Training under DDP: every rank gets the same number of samples (a rank with one batch fewer
+    # would leave the others waiting in an all-reduce); a partial last batch is the caller's choice.
     sampler = EpochSampler(len(dataset), shuffle=training, seed=seed, rank=rank, world_size=world_size,
-                           drop_last=drop_last and world_size > 1)
+                           drop_last=(drop_last or training) and world_size > 1)
     if num_workers and not pin_memory:
         # Pinned batches are copied out of shared memory by the pin thread anyway.
         try:

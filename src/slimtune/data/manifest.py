@@ -15,8 +15,10 @@ JSON lines (``.jsonl``, ``.ndjson``, or lines starting with '{')::
 
 Paths are relative to the manifest's folder unless absolute. Class names come from a labels.txt
 beside the manifest, else from the data (sorted names, or indices 0..max). A label column or key
-named in the plural (labels, classes), or any line with other than one label, makes the manifest
-multi-label: targets are 1/0 vectors, and JSON's "ignore" entries become -1. A line whose image
+named in the plural (labels, classes), an "ignore" entry, or a line listing several labels makes
+the manifest multi-label (or `multi_label=True`, `--multi_label`): targets are 1/0 vectors, and
+JSON's "ignore" entries become -1. A line with no label is no such signal: in a single-label
+manifest it is an error naming the file and line. A line whose image
 is missing is counted and, by default, skipped (`missing` lists them).
 """
 
@@ -208,8 +210,15 @@ class ManifestSource(ImageSource):
         lines, plural = (_parse_jsonl if _is_jsonl(self.manifest, text) else _parse_csv)(self.manifest, text)
         if not lines:
             raise DataError(f"manifest {self.manifest} lists no images")
+        # The task type is decided by something the user wrote on purpose: the flag, a plural
+        # label column/key, or a line listing several labels. A line with no label is not such a
+        # signal (one forgotten cell must not turn the whole dataset multi-label).
         self.multi_label = bool(multi_label) if multi_label is not None else \
-            plural or any(len(line.labels) != 1 for line in lines)
+            plural or any(len(line.labels) > 1 for line in lines)
+        self.task_reason = ("--multi_label" if multi_label is not None else
+                            "a plural label column or key" if plural else
+                            f"line {next(line.number for line in lines if len(line.labels) > 1)} lists several labels"
+                            if self.multi_label else "every line lists at most one label")
         self.class_names = self._class_names(lines, class_names, num_classes)
         by_name = {name: index for index, name in enumerate(self.class_names)}
 
@@ -222,8 +231,7 @@ class ManifestSource(ImageSource):
             indices = [self._resolve(label, by_name, line.number) for label in line.labels]
             ignored = [self._resolve(label, by_name, line.number) for label in line.ignore]
             if not self.multi_label and len(indices) != 1:
-                raise DataError(f"{self.manifest}:{line.number}: expected one label, found "
-                                f"{len(indices)} (pass multi_label=True for several)")
+                raise DataError(self._single_label_error(line, len(indices)))
             image = Path(line.path) if os.path.isabs(line.path) else self.root / line.path
             if not image.is_file():
                 self.missing.append((line.number, image))
@@ -249,6 +257,16 @@ class ManifestSource(ImageSource):
         if not self.paths:
             raise DataError(f"{self.manifest}: none of the {len(lines)} listed images exists "
                             f"(paths are relative to {self.root})")
+
+    def _single_label_error(self, line: _Line, count: int) -> str:
+        """The one line a single-label manifest's label-less or several-label line gets."""
+        where = f"{self.manifest}:{line.number}"
+        if count == 0:
+            return (f"{where}: no label, but this manifest is single-label ({self.task_reason}); give this "
+                    f"image its class, or make the dataset multi-label on purpose (a 'labels' column, or "
+                    f"--multi_label) if images may have no label")
+        return (f"{where}: expected one label, found {count}, but this dataset is single-label "
+                f"({self.task_reason}); drop --multi_label false (or multi_label=False) for a multi-label dataset")
 
     def _class_names(self, lines: list[_Line], given: Sequence[str] | None,
                      num_classes: int | None) -> list[str]:

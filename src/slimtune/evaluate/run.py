@@ -120,10 +120,10 @@ def load_for_eval(checkpoint_path: str | Path, model_name: Optional[str], num_cl
             spec.build(classes, image_size=trained_size)
         ckpt.load_weights_into(model, weights)
     else:
-        from ..checkpoint.restore import restore
+        from ..checkpoint.restore import LOAD_ADVICE, restore
 
         model = spec.build(classes if classes is not None else spec.checkpoint_num_classes)
-        restore(model, str(checkpoint_path))
+        restore(model, str(checkpoint_path), advice=LOAD_ADVICE)  # eval/predict can exclude nothing
     if not isinstance(getattr(model, "num_classes", None), int) and classes is not None:
         model.num_classes = classes  # a custom net need not carry it; the checkpoint does
     return model.to(device).eval(), spec, meta, weights
@@ -152,10 +152,19 @@ def evaluate_checkpoint(config: EvalConfig, checkpoint: Optional[Path] = None) -
     target = checkpoint or Path(config.checkpoint_path)
     model, spec, meta, weights = load_for_eval(target, config.model_name, None, device)
     split = resolve_split(config.dataset_name, config.dataset_dir, config.dataset_split_name)
-    source = build_source(config.dataset_name, config.dataset_dir, split)
-    multi_label = meta.get("multi_label") == "true" if "multi_label" in meta else source.multi_label
+    recorded_multi = meta.get("multi_label") == "true" if "multi_label" in meta else None
+    if config.multi_label is not None and recorded_multi is not None and config.multi_label != recorded_multi:
+        raise ConfigError(f"--multi_label {str(config.multi_label).lower()} contradicts the checkpoint {weights.name}, "
+                          f"trained {'multi' if recorded_multi else 'single'}-label: drop --multi_label")
+    # A manifest is read in the checkpoint's task type, so a contradicting line names its file and line.
+    source = build_source(config.dataset_name, config.dataset_dir, split,
+                          multi_label=config.multi_label if config.multi_label is not None else recorded_multi)
+    multi_label = recorded_multi if recorded_multi is not None else source.multi_label
     if config.multi_label is not None:
         multi_label = config.multi_label
+    check_labels_match(model, meta, weights, source, multi_label, config.labels_offset,
+                       _dataset_label(config), split)
+    stem = _results_stem(config, weights, split)
     image_size = config.eval_image_size or (int(meta["image_size"]) if meta.get("image_size") else None)
     preprocessing_name = config.preprocessing_name or meta.get("preprocessing")
     thresholds = _thresholds(config, weights) if multi_label else 0.5
@@ -166,20 +175,15 @@ def evaluate_checkpoint(config: EvalConfig, checkpoint: Optional[Path] = None) -
                              thresholds=thresholds, on_bad_image=config.on_bad_image, with_curves=config.report,
                              return_scores=multi_label and config.thresholds == "tune")
     if multi_label and config.thresholds == "tune":
-        from .metrics import tune_thresholds
-
-        targets = np.stack([np.asarray(source.targets()[i], dtype=np.float32) for i in results["_indices"]])
-        tuned = tune_thresholds(results["_scores"], targets)
-        (weights.parent / THRESHOLDS_FILENAME).write_text(json.dumps(
-            {"thresholds": tuned.tolist(), "split": split, "checkpoint": weights.name}, indent=1))
-        results["tuned_thresholds"] = tuned.tolist()
+        results["tuning"] = _tune_and_save(results, source, weights, split, _dataset_label(config), thresholds)
+        results["tuned_thresholds"] = results["tuning"]["thresholds"]
     results.pop("_scores", None)
     results.pop("_indices", None)
     step = int(meta.get("step", 0)) if meta.get("step") else None
-    results.update({"checkpoint": str(weights), "step": step, "split": split, "model_name": spec.name})
-    out_dir = Path(config.eval_dir) if config.eval_dir else weights.parent
+    results.update({"checkpoint": str(weights), "step": step, "split": split, "model_name": spec.name,
+                    "dataset": _dataset_identity(config)})
+    out_dir = _out_dir(config, weights)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"{weights.name.removesuffix('.safetensors')}.eval-{split}"
     json_path = out_dir / f"{stem}.json"
     json_path.write_text(json.dumps(to_jsonable(results), indent=1))
     results["results_file"] = str(json_path)
@@ -192,6 +196,137 @@ def evaluate_checkpoint(config: EvalConfig, checkpoint: Optional[Path] = None) -
                                                   title=f"{spec.name} on {split}"))
     _write_events(out_dir / "eval", results, step or 0)
     return results
+
+
+def _training_split(weights: Path) -> Optional[str]:
+    """The split the checkpoint's run trained on, from the config.yaml beside it (None if unknown)."""
+    saved = weights.parent / "config.yaml"
+    if not saved.is_file():
+        return None
+    try:
+        import yaml
+
+        data = yaml.safe_load(saved.read_text(encoding="utf-8")) or {}
+    except (OSError, ValueError, ImportError):
+        return None
+    resolved = data.get("resolved") if isinstance(data, dict) else None
+    split = resolved.get("split") if isinstance(resolved, dict) else None
+    return str(split) if split else None
+
+
+def _splits_overlap(a: str, b: str) -> bool:
+    """True when two split names share images (VOC's trainval holds train and val)."""
+    return a == b or {a, b} in ({"trainval", "train"}, {"trainval", "val"}, {"all", a}, {"all", b})
+
+
+def _tune_and_save(results: dict[str, Any], source: Any, weights: Path, split: str, dataset: str,
+                   used: Any) -> dict[str, Any]:
+    """Tune per-class F1 thresholds on the evaluated scores, save them beside the checkpoint, and
+    measure CF1/OF1 at the tuned thresholds (the ones eval and predict use from now on)."""
+    from .metrics import threshold_metrics, tune_thresholds
+
+    targets = np.stack([np.asarray(source.targets()[i], dtype=np.float32) for i in results["_indices"]])
+    scores = results["_scores"]
+    tuned = tune_thresholds(scores, targets)
+    before = threshold_metrics(scores, targets, used)
+    after = threshold_metrics(scores, targets, tuned)
+    trained_on = _training_split(weights)
+    overlap = trained_on is not None and _splits_overlap(trained_on, split)
+    saved = weights.parent / THRESHOLDS_FILENAME
+    saved.write_text(json.dumps({"thresholds": tuned.tolist(), "split": split, "dataset": dataset,
+                                 "checkpoint": weights.name, "CF1": after["CF1"], "OF1": after["OF1"]}, indent=1))
+    old = used if np.ndim(used) == 0 else "saved per-class"
+    summary = (f"tuned {len(tuned)} per-class thresholds (each class's best F1) on {dataset} split {split!r}, "
+               f"{len(targets)} images: CF1 {before['CF1']:.4f} -> {after['CF1']:.4f}, OF1 {before['OF1']:.4f} -> "
+               f"{after['OF1']:.4f} (from thresholds {old} to the tuned ones, on this same split); saved to {saved}; "
+               f"eval and predict of this checkpoint use them from now on")
+    if overlap:
+        summary += (f". WARNING: the model trained on split {trained_on!r}, which holds these images: tuned "
+                    f"thresholds and their F1 are optimistic; tune on a held-out split")
+    return {"thresholds": tuned.tolist(), "file": str(saved), "split": split, "dataset": dataset,
+            "CF1": after["CF1"], "OF1": after["OF1"], "CP": after["CP"], "CR": after["CR"],
+            "OP": after["OP"], "OR": after["OR"], "CF1_before": before["CF1"], "OF1_before": before["OF1"],
+            "training_split": trained_on, "tuned_on_training_images": overlap, "summary": summary}
+
+
+def _names_text(multi_label: bool, names: list[str], count: int) -> str:
+    shown = ", ".join(names[:6]) + (", …" if len(names) > 6 else "")
+    return f"{'multi' if multi_label else 'single'}-label, {count} classes" + (f" ({shown})" if names else "")
+
+
+def _unnamed(names: list[str]) -> bool:
+    """Class names that are only their own indices (a manifest of indices, an .npz without names)."""
+    return names == [str(i) for i in range(len(names))]
+
+
+def check_labels_match(model: nn.Module, meta: dict[str, str], weights: Path, source: Any, multi_label: bool,
+                       labels_offset: int, dataset: str, split: str) -> None:
+    """Refuse, before any image is read, a checkpoint whose label set is not the data's.
+
+    Compares the task type (multi vs single label), the class count and, when the checkpoint
+    records them, the class names in order: a checkpoint evaluated on another label set gives
+    numbers that look plausible and mean nothing.
+    """
+    data_names = list(source.class_names if source.multi_label else source.class_names[labels_offset:])
+    data_multi = bool(source.multi_label)
+    count = getattr(model, "num_classes", None) or (int(meta["num_classes"]) if meta.get("num_classes") else None)
+    recorded = json.loads(meta["class_names"]) if meta.get("class_names") else []
+    problem = None
+    if multi_label != data_multi:
+        problem = "task type"
+    elif recorded and recorded == data_names:
+        return
+    elif count is not None and count != len(data_names):
+        problem = "class count"
+    elif recorded and not _unnamed(data_names) and not _unnamed(recorded) and recorded != data_names[:len(recorded)]:
+        problem = "class names" if sorted(recorded) != sorted(data_names[:len(recorded)]) else "class order"
+    if problem is None:
+        return
+    ours = _names_text(multi_label, recorded, count if count is not None else len(recorded))
+    theirs = _names_text(data_multi, data_names, len(data_names))
+    offset = f" with --labels_offset {labels_offset}" if labels_offset else ""
+    raise ConfigError(f"checkpoint {weights.name} does not fit {dataset} split {split!r} ({problem} differs): "
+                      f"it was trained {ours}, the data is {theirs}{offset}; evaluate on data with the "
+                      f"checkpoint's classes")
+
+
+def _dataset_label(config: EvalConfig) -> str:
+    """A short name for the evaluated dataset (for messages and result file names)."""
+    if config.dataset_dir:
+        path = Path(config.dataset_dir).expanduser()
+        name = path.stem if path.is_file() else path.name
+        return name or str(path)
+    return config.dataset_name or "digits"
+
+
+def _dataset_identity(config: EvalConfig) -> dict[str, Optional[str]]:
+    """What was evaluated, recorded in the results so files of different datasets never get mixed up."""
+    directory = str(Path(config.dataset_dir).expanduser().resolve()) if config.dataset_dir else None
+    return {"name": config.dataset_name or (None if directory else "digits"), "dir": directory}
+
+
+def _out_dir(config: EvalConfig, weights: Path) -> Path:
+    return Path(config.eval_dir) if config.eval_dir else weights.parent
+
+
+def _results_stem(config: EvalConfig, weights: Path, split: str) -> str:
+    """`<checkpoint>.eval-<dataset>-<split>`; a file of that name from another dataset (same folder
+    name, other path) is never overwritten: this one gets a short hash of its path."""
+    import hashlib
+    import re
+
+    label = re.sub(r"[^A-Za-z0-9_.-]+", "_", _dataset_label(config)).strip("._") or "data"
+    stem = f"{weights.name.removesuffix('.safetensors')}.eval-{label}-{split}"
+    existing = _out_dir(config, weights) / f"{stem}.json"
+    if existing.is_file():
+        try:
+            recorded = json.loads(existing.read_text()).get("dataset")
+        except (OSError, ValueError):
+            recorded = None
+        if isinstance(recorded, dict) and recorded != _dataset_identity(config):
+            digest = hashlib.sha1(json.dumps(_dataset_identity(config), sort_keys=True).encode()).hexdigest()[:8]
+            stem = f"{stem}-{digest}"
+    return stem
 
 
 def _write_events(eval_dir: Path, results: dict[str, Any], step: int) -> None:

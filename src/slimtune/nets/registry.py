@@ -134,9 +134,10 @@ def _import_user_target(target: str) -> ModelSpec:
     if specs:
         return specs[-1]
     # An undecorated builder still works; its metadata can be given as function attributes.
+    # Its preprocessing is never guessed: without one, --preprocessing_name is required.
     return ModelSpec(name=function_name, builder=builder,
                      default_image_size=getattr(builder, "default_image_size", 224),
-                     preprocessing=getattr(builder, "preprocessing", "inception"),
+                     preprocessing=getattr(builder, "preprocessing", ""),
                      checkpoint_num_classes=getattr(builder, "checkpoint_num_classes", 1000),
                      scope=getattr(builder, "scope", function_name))
 

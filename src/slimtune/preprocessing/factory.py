@@ -107,6 +107,10 @@ def list_preprocessing() -> list[str]:
 
 def resolve_preprocessing_name(name: str) -> str:
     """Map a family or slim model name to its family; ConfigError naming the valid ones otherwise."""
+    if not name:  # a module:fn / file.py:fn network that says nothing about its input
+        raise ConfigError(f"no preprocessing was chosen: this network does not name one (a module:fn or "
+                          f"file.py:fn without a `preprocessing` attribute); pass --preprocessing_name, one of "
+                          f"{', '.join(list_preprocessing())}")
     if name in PREPROCESSING_MODULES:
         return name
     if name in SLIM_MODEL_PREPROCESSING:

@@ -112,13 +112,9 @@ def build_model(spec: ModelSpec, num_classes: int, config: TrainConfig) -> nn.Mo
 
 def _warm_start(model: nn.Module, config: TrainConfig, runtime: Runtime) -> Any:
     """Restore --checkpoint_path with the exclusions, name maps and policies asked for; print the plan."""
-    from ..checkpoint.restore import restore
+    from .dry_run import restore_and_report
 
-    plan = restore(model, config.checkpoint_path, exclude_scopes=config.checkpoint_exclude_scopes or (),
-                   name_map=config.checkpoint_name_map or None, ignore_missing_vars=config.ignore_missing_vars,
-                   dry_run=config.dry_run)
-    _say(str(plan), runtime)
-    return plan
+    return restore_and_report(model, config, say=lambda message: _say(message, runtime), is_main=runtime.is_main)
 
 
 def _trainable_names(model: nn.Module, config: TrainConfig) -> Optional[set[str]]:
@@ -136,8 +132,10 @@ def _steps(config: TrainConfig, num_samples: int, runtime: Runtime) -> tuple[int
     if num_samples < global_batch:
         raise DataError(f"the split has {num_samples} images, fewer than one batch of {global_batch}; "
                         f"lower --batch_size")
-    batches_per_epoch = num_samples // global_batch
-    steps_per_epoch = num_samples / global_batch
+    # Every image each epoch: the last, partial batch is kept (under DDP each rank gets the same
+    # number of images, so at most world_size - 1 are left out of an epoch).
+    batches_per_epoch = math.ceil((num_samples // runtime.world_size) / config.batch_size)
+    steps_per_epoch = float(batches_per_epoch)
     if config.max_number_of_steps is not None:
         total = config.max_number_of_steps
     elif config.num_epochs is not None:
@@ -173,7 +171,7 @@ def train(config: TrainConfig) -> TrainResult:
 
 def _train(config: TrainConfig, runtime: Runtime) -> TrainResult:
     train_dir = Path(config.train_dir)
-    if runtime.is_main:
+    if runtime.is_main and not config.dry_run:  # a dry run creates nothing
         train_dir.mkdir(parents=True, exist_ok=True)
         _setup_logging(train_dir, runtime.is_main)
     seed_everything(config.seed + runtime.rank, config.deterministic)
@@ -181,7 +179,7 @@ def _train(config: TrainConfig, runtime: Runtime) -> TrainResult:
     # Data and model.
     spec = get_model_spec(config.model_name)
     split = resolve_split(config.dataset_name, config.dataset_dir, config.dataset_split_name)
-    source = build_source(config.dataset_name, config.dataset_dir, split)
+    source = build_source(config.dataset_name, config.dataset_dir, split, multi_label=config.multi_label)
     multi_label = source.multi_label if config.multi_label is None else config.multi_label
     if multi_label != source.multi_label:
         raise ConfigError("--multi_label needs multi-label targets (VOC, a multi-label manifest or converted data)"
@@ -193,18 +191,27 @@ def _train(config: TrainConfig, runtime: Runtime) -> TrainResult:
     model = build_model(spec, num_classes, config)
 
     # Restore: a checkpoint in train_dir wins (resume everything); else warm-start.
+    plan = None
     if latest is not None:
         if config.checkpoint_path:
             _say(f"Ignoring --checkpoint_path because a checkpoint already exists in {train_dir} "
                  f"(step {latest.step}); resuming from it", runtime)
         ckpt.load_weights_into(model, latest.weights)
     elif config.checkpoint_path:
-        _warm_start(model, config, runtime)
+        plan = _warm_start(model, config, runtime)
     trainable = _trainable_names(model, config)
     trainable_count = apply_trainable_scopes(model, trainable, config.freeze_batch_norm)
     total_count = sum(p.numel() for p in model.parameters())
     if config.dry_run:
-        _say(f"dry run: {trainable_count:,} of {total_count:,} parameters would train; nothing was trained", runtime)
+        from .dry_run import finish_dry_run
+
+        finish_dry_run(config, plan, trainable_count, total_count, say=lambda message: _say(message, runtime),
+                       resolved={"model": spec.name, "num_classes": num_classes, "multi_label": multi_label,
+                                 "split": split, "num_samples": len(source),
+                                 "image_size": config.train_image_size or spec.default_image_size,
+                                 "preprocessing": config.preprocessing_name or spec.preprocessing,
+                                 "total_steps": _steps(config, len(source), runtime)[2],
+                                 "resume_from": str(latest.weights) if latest else None})
         return TrainResult(train_dir, latest.step if latest else 0, latest.weights if latest else None)
     if trainable_count == 0:
         raise ConfigError(f"--trainable_scopes {config.trainable_scopes!r} leaves nothing to train")
@@ -227,7 +234,7 @@ def _train(config: TrainConfig, runtime: Runtime) -> TrainResult:
                           training=True, channels=spec.in_channels, num_workers=default_num_workers(config.num_workers),
                           seed=config.seed, on_bad_image=config.on_bad_image, rank=runtime.rank,
                           world_size=runtime.world_size, labels_offset=config.labels_offset,
-                          pin_memory=runtime.device.type == "cuda")
+                          pin_memory=runtime.device.type == "cuda", drop_last=False)
     batches_per_epoch, steps_per_epoch, total_steps = _steps(config, len(source), runtime)
 
     # Optimizer and schedule.
@@ -274,7 +281,9 @@ def _train(config: TrainConfig, runtime: Runtime) -> TrainResult:
                     {"resolved": {"model": spec.name, "num_classes": num_classes, "multi_label": multi_label,
                                   "split": split, "num_samples": len(source), "image_size": image_size,
                                   "world_size": runtime.world_size, "total_steps": total_steps,
-                                  "steps_per_epoch": steps_per_epoch, "device": str(runtime.device),
+                                  "steps_per_epoch": steps_per_epoch, "batches_per_epoch": batches_per_epoch,
+                                  "epochs": (total_steps / batches_per_epoch) if total_steps is not None else None,
+                                  "device": str(runtime.device),
                                   "trainable_parameters": trainable_count, "parameters": total_count},
                      "versions": _versions()})
         dump_config(config, train_dir / f"config-{time.strftime('%Y%m%d-%H%M%S')}.yaml", {"versions": _versions()})
@@ -550,7 +559,7 @@ def _make_evaluator(config: TrainConfig, spec: ModelSpec, runtime: Runtime, mult
     from ..evaluate.run import evaluate_model
 
     split = config.eval_split_name or resolve_split(config.dataset_name, config.dataset_dir, "auto")
-    source = build_source(config.dataset_name, config.dataset_dir, split)
+    source = build_source(config.dataset_name, config.dataset_dir, split, multi_label=config.multi_label)
 
     def run(model: nn.Module, step: int, writer: Any) -> None:
         if not runtime.is_main:
