@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from slimtune.errors import ConfigError
 from slimtune.nets.layers import Conv2d, MaxPool2d, same_padding
 
 
@@ -107,3 +108,43 @@ def test_training_batch_norm_is_never_folded_and_keeps_updating_its_statistics()
     layer.BatchNorm.frozen = True  # a frozen BN (--trainable_scopes, --freeze_batch_norm) uses moving stats
     with torch.no_grad():
         assert layer._folds_batch_norm()
+
+
+def test_shared_helpers_have_one_definition() -> None:
+    """check_keep_prob, the BN fold and the conv-as-FC head each live in one module that every net
+    family imports (vgg, alexnet_v2 and overfeat share conv_fc_head's head)."""
+    import importlib
+    import pkgutil
+
+    import slimtune.nets as nets
+    from slimtune.nets import conv_fc_head, layers
+
+    shared = {"check_keep_prob": layers, "fold_batch_norm": layers, "FullyConvolutionalNet": conv_fc_head,
+              "FullyConvolutionalBody": conv_fc_head}
+    for info in pkgutil.iter_modules(nets.__path__):
+        module = importlib.import_module(f"slimtune.nets.{info.name}")
+        for name, home in shared.items():
+            if hasattr(module, name):
+                assert getattr(module, name) is getattr(home, name), f"nets/{info.name}.py redefines {name}"
+    for name in ("vgg_16", "alexnet_v2", "overfeat"):
+        with torch.device("meta"):
+            model = nets.create_model(name)
+        assert isinstance(model, conv_fc_head.FullyConvolutionalNet)
+    with pytest.raises(ConfigError, match="dropout_keep_prob must be in"):
+        layers.check_keep_prob("net", float("nan"))
+
+
+def test_fold_batch_norm_equals_conv_then_moving_statistics_batch_norm() -> None:
+    from slimtune.nets.layers import BatchNorm, fold_batch_norm
+
+    torch.manual_seed(0)
+    norm = BatchNorm(6, scale=True).eval()
+    with torch.no_grad():
+        norm.running_mean.normal_()
+        norm.running_var.uniform_(0.5, 2.0)
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.normal_()
+    kernel, bias, x = torch.randn(6, 3, 3, 3), torch.randn(6), torch.randn(2, 3, 8, 8)
+    folded_kernel, folded_bias = fold_batch_norm(kernel, bias, norm)
+    expected = norm(F.conv2d(x, kernel, bias))
+    torch.testing.assert_close(F.conv2d(x, folded_kernel, folded_bias), expected, rtol=1e-5, atol=1e-5)

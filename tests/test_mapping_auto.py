@@ -303,3 +303,22 @@ def test_torchvision_resnet50_state_dict_onto_slimtune_resnet(resnet50_pair):
     pairs = auto_align(slim_torch, tv, tf_layout=False).pairs
     assert len(pairs) == 267
     assert all(_torchvision_to_slim(ckpt) == torch_to_slim(net) for net, ckpt in pairs.items())
+
+
+def test_rules_and_automatic_alignment_are_separate_modules_with_the_public_names_kept():
+    """checkpoint/rules.py holds the explicit name maps, checkpoint/alignment.py the automatic
+    alignment; the old module and the package still give the same objects."""
+    import subprocess
+    import sys
+
+    import slimtune.checkpoint as checkpoint
+    from slimtune.checkpoint import alignment, mapping, rules
+
+    assert checkpoint.NameMap is mapping.NameMap is rules.NameMap
+    assert checkpoint.auto_align is mapping.auto_align is alignment.auto_align
+    assert checkpoint.AmbiguousMappingError is mapping.AmbiguousMappingError is alignment.AmbiguousMappingError
+    # Rules need none of the alignment machinery.
+    code = ("import sys, slimtune.checkpoint.rules; "
+            "print('slimtune.checkpoint.alignment' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -75,20 +75,6 @@ def _meta_model(name: str, num_classes: int, **kwargs):
         return create_model(name, num_classes=num_classes, **kwargs)
 
 
-@pytest.mark.parametrize("config", ALL_CONFIGS)
-def test_state_dict_matches_slim_variables(config):
-    """Every torch tensor is a slim variable ('/' -> '.', HWIO -> OIHW) and none is missing."""
-    golden = _golden(config)
-    model = _meta_model(golden.model_name, golden.num_classes or 0, **_net_kwargs(golden))
-    expected = {}
-    for name, shape in golden.variables:
-        key = name.replace("/", ".").replace(".weights", ".weight").replace(".biases", ".bias")
-        expected[key] = (shape[3], shape[2], shape[0], shape[1]) if len(shape) == 4 else tuple(shape)
-    actual = {key: tuple(value.shape) for key, value in model.state_dict().items()}
-    assert actual == expected
-    assert model.classifier_scope.replace("/", ".") + ".weight" in actual or not golden.num_classes
-
-
 @pytest.mark.parametrize("config", [_param(c) for c in ALL_CONFIGS])
 def test_matches_tf_slim(config, checkpoints):
     """Logits and every slim end point (names, order, shapes, values) match TF-Slim."""
@@ -126,10 +112,7 @@ def test_registration(name):
     assert spec.checkpoint_num_classes == 1000
     assert spec.scope == name
     assert spec.published_checkpoint == published.get(name)
-    model = _meta_model(name, 1000)
-    assert model.scope == name and model.classifier_scope == f"{name}/fc8"
-    assert model.num_features == 4096
-    assert f"{name}.fc8.weight" in model.state_dict()
+    model = _meta_model(name, 1000)  # names, heads and widths: tests/test_models.py
     assert not any("BatchNorm" in key for key in model.state_dict())
 
 

@@ -285,6 +285,37 @@ def test_load_golden_detects_input_drift(tmp_path):
         load_golden(tmp_path / "missing.npz")
 
 
+def test_load_golden_detects_a_changed_weights_generator(tmp_path, monkeypatch):
+    """The header's weights probe: a golden made with other seeded weights says "regenerate"."""
+    path, *_ = _synthetic_golden(tmp_path)
+    with np.load(path) as data:
+        arrays = {key: data[key] for key in data.files}
+    header = json.loads(arrays["header"].tobytes().decode("utf-8"))
+    assert [name for name, _ in header["weights_probe"]] == ["toynet/conv1/weights", "toynet/logits/biases"]
+    load_golden(path)
+    # The generator changes (here: every seeded value scaled), the goldens stay as they were.
+    import slimtune.testing as testing
+
+    original = testing.seeded_value
+    monkeypatch.setattr(testing, "seeded_value", lambda *args, **kwargs: original(*args, **kwargs) * 1.001)
+    with pytest.raises(ValueError, match="toynet/conv1/weights.*regenerate the goldens"):
+        load_golden(path)
+    monkeypatch.undo()
+    # Goldens written before the probe existed load unchecked.
+    del header["weights_probe"]
+    arrays["header"] = np.frombuffer(json.dumps(header).encode("utf-8"), dtype=np.uint8)
+    np.savez_compressed(tmp_path / "old.npz", **arrays)
+    monkeypatch.setattr(testing, "seeded_value", lambda *args, **kwargs: original(*args, **kwargs) * 1.001)
+    load_golden(tmp_path / "old.npz")
+
+
+def test_the_probe_skips_huge_variables():
+    from slimtune.testing import seeded_weights_probe
+
+    probe = seeded_weights_probe([("n/fc6/weights", (7, 7, 512, 4096)), ("n/fc6/biases", (4096,))], 0)
+    assert [name for name, _ in probe] == ["n/fc6/biases"] and len(probe[0][1]) == 16
+
+
 # ----------------------------------------------------------------------------- committed goldens
 
 COMMITTED = sorted(GOLDEN_DIR.glob("*.npz"))

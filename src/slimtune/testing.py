@@ -6,8 +6,21 @@ weights (``golden.weights()``), running ``golden.inputs`` and passing its output
 ``assert_matches_golden``.  Everything here is numpy-only so tests need neither TF nor torch
 (torch tensors are accepted and converted lazily).
 
+This module is public API (kept in the installed package on purpose): whoever adds a network,
+in slimtune or in their own package through ``register_model``, proves it matches TF-Slim with
+it, as slimtune's own parity tests do. Make goldens with ``tools/tf_reference/make_parity_fixtures.py``
+(or ``write_golden`` from any TF run), then in a test::
+
+    golden = load_golden("tests/golden/my_net.npz")
+    model = slimtune.create_model(golden.model_name, num_classes=golden.num_classes or 0).eval()
+    slimtune.restore(model, golden.weights())
+    logits, end_points = model.forward_endpoints(torch.from_numpy(golden.inputs).permute(0, 3, 1, 2))
+    assert_matches_golden(logits, end_points, golden)
+
 Golden file layout (compressed .npz, loaded with ``allow_pickle=False``):
-  ``header``            uint8 bytes of a UTF-8 JSON object (names, kwargs, shapes, versions);
+  ``header``            uint8 bytes of a UTF-8 JSON object (names, kwargs, shapes, versions, and
+                        ``weights_probe``: the first values of a few seeded variables, checked on
+                        load so that a changed weights generator says "regenerate the goldens");
   ``logits``            the full reference logits (NHWC when 4-D);
   ``input_probe_idx/val`` a few input values, to detect drift when inputs are regenerated;
   ``ep_index_deltas``   per end point (in header order) its sorted sampled flat NHWC indices,
@@ -30,6 +43,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+__all__ = [
+    "EndPointGolden", "FULL_END_POINT_LIMIT", "GOLDEN_FORMAT_VERSION", "Golden", "assert_matches_golden",
+    "check_weights_probe", "end_point_samples", "flat_sample_indices", "load_golden", "seeded_inputs",
+    "seeded_slim_weights", "seeded_value", "seeded_weights_probe", "to_nhwc", "write_golden",
+]
 
 GOLDEN_FORMAT_VERSION = 2
 FULL_END_POINT_LIMIT = 4096
@@ -230,6 +249,45 @@ class Golden:
         return seeded_slim_weights(self.variables, self.seed)
 
 
+# The weights probe: a few values of the first few (small) seeded variables, recorded in each
+# golden's header. A change of the seeded-weights generator would otherwise show up only as a
+# parity failure that looks like a bug in a net; with the probe it says "regenerate the goldens".
+_PROBE_VARIABLES = 3
+_PROBE_VALUES = 16
+_PROBE_MAX_ELEMENTS = 1 << 20  # never generate a huge tensor (VGG's fc6) just for the probe
+
+
+def seeded_weights_probe(variables: Sequence[tuple[str, Sequence[int]]], seed: int) -> list:
+    """[[name, [first values]], ...] of the first few small variables' seeded values."""
+    probe = []
+    for name, shape in variables:
+        if int(np.prod(shape)) > _PROBE_MAX_ELEMENTS:
+            continue
+        value = seeded_value(name, shape, seed).reshape(-1)[:_PROBE_VALUES]
+        probe.append([name[:-2] if name.endswith(":0") else name, [float(v) for v in value]])
+        if len(probe) == _PROBE_VARIABLES:
+            break
+    return probe
+
+
+def check_weights_probe(header: Mapping[str, Any], path: str | Path = "golden") -> None:
+    """Raise ValueError when the seeded weights differ from those the golden was made with.
+
+    Goldens written before the probe existed have none and pass unchecked.
+    """
+    recorded = header.get("weights_probe")
+    if not recorded:
+        return
+    shapes = {name: shape for name, shape in header["variables"]}
+    for name, values in recorded:
+        current = seeded_value(name, shapes[name], header["seed"]).reshape(-1)[:len(values)]
+        expected = np.asarray(values, dtype=np.float32)
+        if not np.allclose(current, expected, rtol=1e-6, atol=1e-7):
+            raise ValueError(f"{path}: the seeded weights of {name} differ from those this golden was made "
+                             "with; the weights generator changed: regenerate the goldens "
+                             "(tools/tf_reference/make_parity_fixtures.py)")
+
+
 def _header_bytes(header: Mapping[str, Any]) -> np.ndarray:
     return np.frombuffer(json.dumps(header, sort_keys=True).encode("utf-8"), dtype=np.uint8)
 
@@ -276,6 +334,7 @@ def write_golden(path: str | Path, *, config_name: str, model_name: str, model_k
         "logits_shape": list(arrays["logits"].shape),
         "end_points": records,
         "versions": dict(versions or {}),
+        "weights_probe": seeded_weights_probe(variables, seed),
     }
     arrays["header"] = _header_bytes(header)
     path = Path(path)
@@ -304,6 +363,7 @@ def load_golden(path: str | Path) -> Golden:
     if drift > 1e-5:
         raise ValueError(f"{path}: regenerated inputs differ from the recorded ones by {drift:.3g}; "
                          "numpy's generator changed, regenerate the goldens")
+    check_weights_probe(header, path)
     end_points = {}
     sample_at = full_at = 0
     for record in header["end_points"]:

@@ -15,7 +15,7 @@ from slimtune.checkpoint.reader import read_checkpoint, sniff_format, write_tf_c
 # The restore engine needs torch; it is imported on first use so the readers stay torch-free.
 _LAZY = {
     "restore": "restore", "plan_restore": "restore", "RestorePlan": "restore", "TensorFate": "restore",
-    "NameMap": "mapping", "auto_align": "mapping", "AmbiguousMappingError": "mapping",
+    "NameMap": "rules", "auto_align": "alignment", "AmbiguousMappingError": "alignment",
     "slim_to_torch": "names", "torch_to_slim": "names", "tf_to_torch_array": "names", "torch_to_tf_array": "names",
     "parse_scopes": "scopes", "in_scope": "scopes", "select_params": "scopes",
 }

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -281,3 +282,91 @@ def as_numpy(value: Any) -> np.ndarray:
     if hasattr(value, "detach"):
         return value.detach().cpu().numpy()
     return np.asarray(value)
+
+
+def adapt_input_channels(kernel: Any, in_chans: int) -> Any:
+    """A first-conv kernel (torch layout, input channels on axis 1) adapted to `in_chans` inputs.
+
+    timm's rule, so a 3-channel (RGB) checkpoint serves other inputs: 1 channel sums the RGB
+    kernels (a gray image then gives what the RGB net gave the same gray as three channels);
+    more (or 2) repeat the kernels cyclically and scale by 3 / in_chans (for a multiple of 3, an
+    image made of copies of an RGB image then gives the RGB result; otherwise only the scale is
+    kept, as in timm). Works on numpy arrays and torch tensors.
+    """
+    channels = int(kernel.shape[1])
+    in_chans = int(in_chans)
+    if in_chans < 1:
+        raise ValueError(f"in_chans must be >= 1, got {in_chans}")
+    if in_chans == channels:
+        return kernel
+    if in_chans == 1:
+        return kernel.sum(1, keepdims=True) if isinstance(kernel, np.ndarray) else kernel.sum(1, keepdim=True)
+    repeats = math.ceil(in_chans / channels)
+    if isinstance(kernel, np.ndarray):
+        tiled = np.concatenate([kernel] * repeats, axis=1)[:, :in_chans]
+    else:
+        tiled = kernel.repeat(1, repeats, *([1] * (kernel.dim() - 2)))[:, :in_chans]
+    return tiled * (channels / in_chans)
+
+
+class InputChannelsAdapter(Mapping):
+    """A read-only view of a checkpoint whose first-conv kernel is adapted to `in_chans` inputs.
+
+    Restoring a 3-channel (RGB) checkpoint into a 1-channel net goes through this view, so the
+    restore engine sees a kernel of the net's shape and plans and loads it like any other tensor.
+    `kernel_name` is the checkpoint's name of that kernel (slim: '<first_conv>/weights', TF
+    layout HWIO, input channels on axis 2; a torch name: OIHW, axis 1).
+    """
+
+    def __init__(self, checkpoint: Any, kernel_name: str, in_chans: int) -> None:
+        self._checkpoint = checkpoint
+        self._kernel_name = kernel_name
+        self._in_chans = int(in_chans)
+        self._tf_layout = "/" in kernel_name
+
+    def _adapted_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
+        shape = [int(d) for d in shape]
+        shape[2 if self._tf_layout else 1] = self._in_chans
+        return tuple(shape)
+
+    def __getitem__(self, name: str) -> Any:
+        value = self._checkpoint[name]
+        if name != self._kernel_name:
+            return value
+        array = as_numpy(value)
+        if self._tf_layout:  # HWIO -> channels on axis 1 for the rule, and back
+            return np.ascontiguousarray(adapt_input_channels(array.transpose(3, 2, 0, 1), self._in_chans)
+                                        .transpose(2, 3, 1, 0))
+        return adapt_input_channels(array, self._in_chans)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        getter = getattr(self._checkpoint, "shape", None)
+        shape = tuple(getter(name)) if callable(getter) else tuple(np.shape(self._checkpoint[name]))
+        return self._adapted_shape(shape) if name == self._kernel_name else shape
+
+    def dtype(self, name: str) -> Any:
+        getter = getattr(self._checkpoint, "dtype", None)
+        return getter(name) if callable(getter) else None
+
+    def keys(self) -> Any:
+        return self._checkpoint.keys()
+
+    def __iter__(self) -> Any:
+        return iter(self._checkpoint.keys())
+
+    def __len__(self) -> int:
+        return len(self._checkpoint)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._checkpoint
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self[name] if name in self._checkpoint else default
+
+    def items(self) -> Any:
+        return ((name, self[name]) for name in self.keys())
+
+    def close(self) -> None:
+        closer = getattr(self._checkpoint, "close", None)
+        if callable(closer):
+            closer()

@@ -10,9 +10,9 @@ from collections import OrderedDict
 
 from torch import Tensor, nn
 
-from .layers import Conv2d, MaxPool2d, xavier_uniform_
+from .conv_fc_head import FullyConvolutionalBody, FullyConvolutionalNet, relu_inplace, truncated_fc_init
+from .layers import Conv2d, MaxPool2d, check_keep_prob, xavier_uniform_
 from .registry import register_model
-from .vgg import FullyConvolutionalBody, FullyConvolutionalNet, check_keep_prob, relu_inplace, truncated_fc_init
 
 # conv1 11x11/4 VALID, then three 3x3/2 VALID pools: the smallest input giving fc6 its 5x5 map.
 ALEXNET_MIN_INPUT_SIZE = 195
@@ -65,6 +65,7 @@ class AlexNetV2(FullyConvolutionalNet):
 
     scope = "alexnet_v2"
     classifier_scope = "alexnet_v2/fc8"
+    classifier_scopes = (classifier_scope,)
     min_input_size = ALEXNET_MIN_INPUT_SIZE
 
     def __init__(self, num_classes: int = 1000, dropout_keep_prob: float = 0.5, spatial_squeeze: bool = True,
@@ -74,7 +75,9 @@ class AlexNetV2(FullyConvolutionalNet):
         self.alexnet_v2 = _AlexNetV2Body(num_classes, keep_prob, spatial_squeeze, global_pool, in_channels)
 
 
-@register_model(default_image_size=224, preprocessing="vgg", checkpoint_num_classes=1000, scope="alexnet_v2")
+@register_model(default_image_size=224, preprocessing="vgg", checkpoint_num_classes=1000, scope="alexnet_v2",
+                classifier_scopes=("alexnet_v2/fc8",), first_conv="alexnet_v2/conv1",
+                min_image_size=ALEXNET_MIN_INPUT_SIZE)
 def alexnet_v2(num_classes: int = 1000, **kwargs) -> AlexNetV2:
     """AlexNet v2 (slim nets/alexnet.py), 224x224; slim names no preprocessing for it, 'vgg' fills the gap."""
     return AlexNetV2(num_classes, **kwargs)

@@ -100,8 +100,22 @@ class SlimNet(nn.Module):
     def reset_classifier(self, num_classes: int) -> None:
         """Replace every classifier head for `num_classes` (0: headless), keeping slim's scope names."""
         num_classes = check_num_classes(num_classes)
+        reference = next(self.parameters(), None)
         self._build_classifier(num_classes)
         self.num_classes = num_classes
+        if reference is not None:
+            # The new head lives where the body does (GPU, meta, bfloat16), as timm's reset does.
+            for scope in self.classifier_scopes or (self.classifier_scope,):
+                head = _get_submodule_or_none(self, scope.replace("/", "."))
+                if head is not None:
+                    head.to(device=reference.device, dtype=reference.dtype)
+
+
+def _get_submodule_or_none(module: nn.Module, path: str) -> Optional[nn.Module]:
+    try:
+        return module.get_submodule(path)
+    except AttributeError:
+        return None
 
 
 def check_num_classes(num_classes: int) -> int:

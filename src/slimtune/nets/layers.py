@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import ConfigError
+
 IntPair = Union[int, Sequence[int]]
 Activation = Optional[Callable[[Tensor], Tensor]]
 
@@ -117,6 +119,23 @@ def batch_norm_factory(eps: float = 0.001, decay: float = 0.999, scale: bool = F
     return make
 
 
+def fold_batch_norm(kernel: Tensor, bias: Optional[Tensor], norm: BatchNorm) -> tuple[Tensor, Tensor]:
+    """A kernel (output channels first) and bias with an inference-mode BatchNorm folded in.
+
+    conv(x, k, b) followed by BN on moving statistics equals conv(x, k * s, (b - mean) * s + beta)
+    with s = gamma / sqrt(var + eps): the one place this algebra lives (inference folding, export).
+    """
+    scale = torch.rsqrt(norm.running_var + norm.eps)
+    if norm.weight is not None:
+        scale = scale * norm.weight
+    shift = -norm.running_mean * scale
+    if bias is not None:
+        shift = shift + bias * scale
+    if norm.bias is not None:
+        shift = shift + norm.bias
+    return kernel * scale.view(-1, *([1] * (kernel.dim() - 1))), shift
+
+
 class Conv2d(nn.Module):
     """slim.conv2d: convolution, then optional BatchNorm (replacing the bias), then activation.
 
@@ -207,16 +226,7 @@ class Conv2d(nn.Module):
 
     def _folded(self, kernel: Tensor, bias: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
         """The kernel (output channels first) and bias with this layer's BN folded in."""
-        norm = self.BatchNorm
-        scale = torch.rsqrt(norm.running_var + norm.eps)
-        if norm.weight is not None:
-            scale = scale * norm.weight
-        shift = -norm.running_mean * scale
-        if bias is not None:
-            shift = shift + bias * scale
-        if norm.bias is not None:
-            shift = shift + norm.bias
-        return kernel * scale.view(-1, 1, 1, 1), shift
+        return fold_batch_norm(kernel, bias, self.BatchNorm)
 
     def forward(self, x: Tensor) -> Tensor:
         """Convolve (with TF padding), normalize, activate."""
@@ -341,6 +351,17 @@ def local_response_norm(x: Tensor, depth_radius: int = 5, bias: float = 1.0, alp
     window = 2 * depth_radius + 1
     sums = F.avg_pool3d(squares, (window, 1, 1), stride=1).squeeze(1) * window
     return x / (bias + alpha * sums).pow(beta)
+
+
+def check_keep_prob(name: str, dropout_keep_prob: float) -> float:
+    """slim's dropout keep probability as a float in (0, 1], or a ConfigError naming the net."""
+    try:
+        value = float(dropout_keep_prob)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if not 0.0 < value <= 1.0:  # NaN fails too
+        raise ConfigError(f"{name}: dropout_keep_prob must be in (0, 1], got {dropout_keep_prob!r}")
+    return value
 
 
 def dropout_module(keep_prob: float) -> nn.Dropout:

@@ -27,8 +27,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from .base import SlimNet, new_end_points, pooled_features
-from .layers import Activation, Conv2d, DepthwiseConv2d, NormFactory, dropout_module, truncated_normal_
+from .base import SlimNet, pooled_features
+from .layers import (Activation, Conv2d, DepthwiseConv2d, NormFactory, check_keep_prob, dropout_module,
+                     truncated_normal_)
 
 
 class _ReLU6InPlace(torch.autograd.Function):
@@ -81,13 +82,6 @@ def expand_input_by_factor(factor: float, divisible_by: int = 8) -> Callable[[in
         return make_divisible(num_inputs * factor, divisible_by)
     expansion.factor = factor  # type: ignore[attr-defined]  # shown by repr of the op spec
     return expansion
-
-
-def check_keep_prob(name: str, dropout_keep_prob: float) -> float:
-    """Validate slim's dropout keep probability."""
-    if not 0.0 < float(dropout_keep_prob) <= 1.0:
-        raise ConfigError(f"{name}: dropout_keep_prob must be in (0, 1], got {dropout_keep_prob}")
-    return float(dropout_keep_prob)
 
 
 def check_depth_multiplier(name: str, depth_multiplier: float) -> float:
@@ -353,6 +347,7 @@ class MobileNet(SlimNet):
         super().__init__(num_classes)
         self.scope = scope
         self.classifier_scope = f"{scope}/Logits/Conv2d_1c_1x1"
+        self.classifier_scopes = (f"{scope}/Logits",)
         self.depth_multiplier = check_depth_multiplier(scope, depth_multiplier)
         self.output_stride = output_stride
         self.use_explicit_padding = bool(use_explicit_padding)
@@ -365,13 +360,27 @@ class MobileNet(SlimNet):
         for layer in layers:
             body.add_module(layer.scope, layer.module)
         self._layers = tuple((layer.scope, layer.end_point, layer.records_end_points) for layer in layers)
-        self.dropout = dropout_module(check_keep_prob(scope, dropout_keep_prob)) if num_classes else None
-        if num_classes:
-            body.Logits = LogitsScope(channels, num_classes)
+        self._keep_prob = check_keep_prob(scope, dropout_keep_prob)
+        self._init_stddev = init_stddev
         self.add_module(scope, body)
+        self._make_head(num_classes)
         init_truncated_normal(self, init_stddev)
 
-    def forward_features(self, x: Tensor, end_points: "OrderedDict[str, Tensor]") -> Tensor:
+    def _make_head(self, num_classes: int) -> None:
+        """dropout and the 'Logits' scope (removed when headless), not yet initialized."""
+        body = self._modules[self.scope]
+        self.dropout = dropout_module(self._keep_prob) if num_classes else None
+        if num_classes:
+            body.Logits = LogitsScope(self.num_features, num_classes)
+        elif "Logits" in body._modules:
+            del body._modules["Logits"]
+
+    def _build_classifier(self, num_classes: int) -> None:
+        self._make_head(num_classes)
+        if num_classes:
+            init_truncated_normal(self._modules[self.scope].Logits, self._init_stddev)
+
+    def _forward_features(self, x: Tensor, end_points: "OrderedDict[str, Tensor]") -> Tensor:
         """The trunk (slim's mobilenet_base): the last layer's feature map, end points recorded."""
         body = self._modules[self.scope]
         block_end_points: "OrderedDict[str, Tensor]" = OrderedDict()
@@ -384,16 +393,15 @@ class MobileNet(SlimNet):
         end_points.update(block_end_points)
         return net
 
-    def forward_endpoints(self, x: Tensor) -> tuple[Tensor, "OrderedDict[str, Tensor]"]:
-        """Logits [N, classes] (or pooled features when headless) and slim's end points."""
-        end_points = new_end_points()
-        net = self.forward_features(x, end_points)
+    def _forward_head(self, features: Tensor, end_points: "OrderedDict[str, Tensor]",
+                      pre_logits: bool = False) -> Tensor:
+        """global_pool, Logits, Predictions; the pooled features [N, C] when headless or pre_logits."""
         # slim's global_pool is an avg_pool over the whole map: [N, C, 1, 1].
-        net = end_points["global_pool"] = net.mean(dim=(2, 3), keepdim=True)
-        if not self.num_classes:
-            return pooled_features(net), end_points
+        net = end_points["global_pool"] = features.mean(dim=(2, 3), keepdim=True)
+        if not self.num_classes or pre_logits:
+            return pooled_features(net)
         net = self.dropout(net)
         logits = self._modules[self.scope].Logits.Conv2d_1c_1x1(net).flatten(1)
         end_points["Logits"] = logits
         end_points["Predictions"] = torch.softmax(logits, dim=1)
-        return logits, end_points
+        return logits

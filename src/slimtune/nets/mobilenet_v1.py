@@ -24,9 +24,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from .base import SlimNet, new_end_points, pooled_features
-from .layers import Conv2d, DepthwiseConv2d, batch_norm_factory, dropout_module, reduce_mean_hw
-from .mobilenet_common import LogitsScope, check_depth_multiplier, check_keep_prob, init_truncated_normal, relu6_
+from .base import SlimNet, pooled_features
+from .layers import Conv2d, DepthwiseConv2d, batch_norm_factory, check_keep_prob, dropout_module, reduce_mean_hw
+from .mobilenet_common import LogitsScope, check_depth_multiplier, init_truncated_normal, relu6_
 from .registry import register_model
 
 #: slim's MOBILENETV1_CONV_DEFS: (stride, depth) of Conv2d_0, then of each separable layer.
@@ -53,6 +53,7 @@ class MobileNetV1(SlimNet):
 
     scope = "MobilenetV1"
     classifier_scope = "MobilenetV1/Logits/Conv2d_1c_1x1"
+    classifier_scopes = ("MobilenetV1/Logits",)
 
     def __init__(self, num_classes: int = 1001, depth_multiplier: float = 1.0, min_depth: int = 8,
                  dropout_keep_prob: float = 0.999, spatial_squeeze: bool = True, global_pool: bool = False,
@@ -96,13 +97,26 @@ class MobileNetV1(SlimNet):
             names += [depthwise, pointwise]
         self._layer_names = tuple(names)
         self.num_features = channels
-        self.dropout = dropout_module(check_keep_prob(self.scope, dropout_keep_prob)) if num_classes else None
-        if num_classes:
-            body.Logits = LogitsScope(channels, num_classes)
+        self._keep_prob = check_keep_prob(self.scope, dropout_keep_prob)
         self.add_module(self.scope, body)
+        self._make_head(num_classes)
         init_truncated_normal(self, WEIGHTS_STDDEV)
 
-    def forward_features(self, x: Tensor, end_points: "OrderedDict[str, Tensor]") -> Tensor:
+    def _make_head(self, num_classes: int) -> None:
+        """dropout and the 'Logits' scope (removed when headless), not yet initialized."""
+        body = self._modules[self.scope]
+        self.dropout = dropout_module(self._keep_prob) if num_classes else None
+        if num_classes:
+            body.Logits = LogitsScope(self.num_features, num_classes)
+        elif "Logits" in body._modules:
+            del body._modules["Logits"]
+
+    def _build_classifier(self, num_classes: int) -> None:
+        self._make_head(num_classes)
+        if num_classes:
+            init_truncated_normal(self._modules[self.scope].Logits, WEIGHTS_STDDEV)
+
+    def _forward_features(self, x: Tensor, end_points: "OrderedDict[str, Tensor]") -> Tensor:
         """slim's mobilenet_v1_base: Conv2d_0 ... Conv2d_13_pointwise, each an end point."""
         body = self._modules[self.scope]
         net = x
@@ -120,24 +134,25 @@ class MobileNetV1(SlimNet):
         net = end_points["AvgPool_1a"] = F.avg_pool2d(net, kernel, 2)
         return net
 
-    def forward_endpoints(self, x: Tensor) -> tuple[Tensor, "OrderedDict[str, Tensor]"]:
-        """Logits (or pooled features when headless) and slim's end points (Conv2d_0 ... Predictions)."""
-        end_points = new_end_points()
-        net = self._pool(self.forward_features(x, end_points), end_points)
-        if not self.num_classes:
-            return pooled_features(net), end_points
+    def _forward_head(self, features: Tensor, end_points: "OrderedDict[str, Tensor]",
+                      pre_logits: bool = False) -> Tensor:
+        """AvgPool_1a (or global_pool), Logits, Predictions; the pooled features when headless or pre_logits."""
+        net = self._pool(features, end_points)
+        if not self.num_classes or pre_logits:
+            return pooled_features(net)
         net = self.dropout(net)
         logits = self._modules[self.scope].Logits.Conv2d_1c_1x1(net)
         if self.spatial_squeeze:
             if logits.shape[2] != 1 or logits.shape[3] != 1:
                 raise ConfigError(f"MobilenetV1: spatial_squeeze needs 1x1 logits but they are "
-                                  f"{logits.shape[2]}x{logits.shape[3]} (input {x.shape[2]}x{x.shape[3]}); "
+                                  f"{logits.shape[2]}x{logits.shape[3]} (feature map "
+                                  f"{features.shape[2]}x{features.shape[3]}); "
                                   "pass global_pool=True or spatial_squeeze=False")
             logits = logits.flatten(1)
         end_points["Logits"] = logits
         # slim's softmax normalizes the last (class) axis: dim 1 in NCHW.
         end_points["Predictions"] = torch.softmax(logits, dim=1)
-        return logits, end_points
+        return logits
 
 
 def _register(name: str, depth_multiplier: float, published: str):
@@ -150,6 +165,7 @@ def _register(name: str, depth_multiplier: float, published: str):
                      "scope 'MobilenetV1'); Inception preprocessing, 1001-class checkpoints.")
     return register_model(name, default_image_size=224, preprocessing="inception", checkpoint_num_classes=1001,
                           scope="MobilenetV1", published_checkpoint=published,
+                          classifier_scopes=("MobilenetV1/Logits",), first_conv="MobilenetV1/Conv2d_0",
                           depth_multiplier=depth_multiplier)(build)
 
 

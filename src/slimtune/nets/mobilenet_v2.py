@@ -87,24 +87,28 @@ class MobileNetV2(MobileNet):
 
 
 _PUBLISHED = "mobilenet_v2_{}_224.tgz"
+_HEADS = ("MobilenetV2/Logits",)
 
 
 @register_model(default_image_size=224, preprocessing="inception", checkpoint_num_classes=1001,
-                scope="MobilenetV2", published_checkpoint=_PUBLISHED.format("1.0"))
+                scope="MobilenetV2", classifier_scopes=_HEADS, first_conv="MobilenetV2/Conv",
+                published_checkpoint=_PUBLISHED.format("1.0"))
 def mobilenet_v2(num_classes: int = 1001, **kwargs) -> MobileNetV2:
     """MobileNet v2, depth multiplier 1.0 (slim nets/mobilenet/mobilenet_v2.py, scope 'MobilenetV2')."""
     return MobileNetV2(num_classes, **kwargs)
 
 
 @register_model(default_image_size=224, preprocessing="inception", checkpoint_num_classes=1001,
-                scope="MobilenetV2", published_checkpoint=_PUBLISHED.format("1.4"), depth_multiplier=1.4)
+                scope="MobilenetV2", classifier_scopes=_HEADS, first_conv="MobilenetV2/Conv",
+                published_checkpoint=_PUBLISHED.format("1.4"), depth_multiplier=1.4)
 def mobilenet_v2_140(num_classes: int = 1001, **kwargs) -> MobileNetV2:
     """MobileNet v2, depth multiplier 1.4 (slim's mobilenet_v2_140)."""
     return MobileNetV2(num_classes, **kwargs)
 
 
 @register_model(default_image_size=224, preprocessing="inception", checkpoint_num_classes=1001,
-                scope="MobilenetV2", published_checkpoint=_PUBLISHED.format("0.35"), depth_multiplier=0.35,
+                scope="MobilenetV2", classifier_scopes=_HEADS, first_conv="MobilenetV2/Conv",
+                published_checkpoint=_PUBLISHED.format("0.35"), depth_multiplier=0.35,
                 finegrain_classification_mode=True)
 def mobilenet_v2_035(num_classes: int = 1001, **kwargs) -> MobileNetV2:
     """MobileNet v2, depth multiplier 0.35 with a full 1280-wide last layer (slim's mobilenet_v2_035)."""

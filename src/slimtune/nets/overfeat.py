@@ -8,10 +8,10 @@ from collections import OrderedDict
 
 from torch import Tensor
 
-from .layers import Conv2d, MaxPool2d
+from .conv_fc_head import (FullyConvolutionalBody, FullyConvolutionalNet, relu_inplace, truncated_fc_init,
+                           xavier_zero_bias_init)
+from .layers import Conv2d, MaxPool2d, check_keep_prob
 from .registry import register_model
-from .vgg import (FullyConvolutionalBody, FullyConvolutionalNet, check_keep_prob, relu_inplace, truncated_fc_init,
-                  xavier_zero_bias_init)
 
 # conv1 11x11/4 VALID, 2x2/2 pools and conv2 5x5 VALID: the smallest input giving fc6 its 6x6 map.
 OVERFEAT_MIN_INPUT_SIZE = 231
@@ -58,6 +58,7 @@ class OverFeat(FullyConvolutionalNet):
 
     scope = "overfeat"
     classifier_scope = "overfeat/fc8"
+    classifier_scopes = (classifier_scope,)
     min_input_size = OVERFEAT_MIN_INPUT_SIZE
 
     def __init__(self, num_classes: int = 1000, dropout_keep_prob: float = 0.5, spatial_squeeze: bool = True,
@@ -67,7 +68,9 @@ class OverFeat(FullyConvolutionalNet):
         self.overfeat = _OverFeatBody(num_classes, keep_prob, spatial_squeeze, global_pool, in_channels)
 
 
-@register_model(default_image_size=231, preprocessing="vgg", checkpoint_num_classes=1000, scope="overfeat")
+@register_model(default_image_size=231, preprocessing="vgg", checkpoint_num_classes=1000, scope="overfeat",
+                classifier_scopes=("overfeat/fc8",), first_conv="overfeat/conv1",
+                min_image_size=OVERFEAT_MIN_INPUT_SIZE)
 def overfeat(num_classes: int = 1000, **kwargs) -> OverFeat:
     """OverFeat (slim nets/overfeat.py), 231x231; slim names no preprocessing for it, 'vgg' fills the gap."""
     return OverFeat(num_classes, **kwargs)

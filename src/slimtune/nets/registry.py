@@ -22,7 +22,7 @@ from typing import Any, Callable, Optional
 
 from torch import nn
 
-from ..errors import ConfigError, ModelNotFoundError
+from ..errors import ModelNotFoundError
 
 
 @dataclass(frozen=True)
@@ -164,21 +164,14 @@ def list_models(pattern: Optional[str] = None) -> list[str]:
     return names
 
 
-def create_model(name: str, num_classes: Optional[int] = None, checkpoint_path: Optional[str] = None,
-                 **kwargs: Any) -> nn.Module:
-    """Build a registered network; load `checkpoint_path` into it when given.
+def create_model(name: str, pretrained: bool = False, num_classes: Optional[int] = None,
+                 checkpoint_path: Optional[str] = None, in_chans: Optional[int] = None,
+                 features_only: bool = False, out_indices: Optional[Any] = None, **kwargs: Any) -> nn.Module:
+    """Build a registered network, timm-style (the front door lives in `slimtune.nets.factory`).
 
     num_classes defaults to the class count of the net's published checkpoint (1000 or 1001);
-    0 gives a headless backbone returning pooled features. The checkpoint must match the net
-    (use `slimtune.restore` directly for partial restores with excluded scopes or name maps).
+    0 gives a headless backbone returning pooled features. See `factory.create_model`.
     """
-    spec = get_model_spec(name)
-    if num_classes is None:
-        num_classes = spec.checkpoint_num_classes
-    if num_classes < 0:
-        raise ConfigError(f"num_classes must be >= 0, got {num_classes}")
-    model = spec.build(num_classes, **kwargs)
-    if checkpoint_path is not None:
-        from ..checkpoint.restore import restore
-        restore(model, checkpoint_path)
-    return model
+    from .factory import create_model as front_door
+    return front_door(name, pretrained=pretrained, num_classes=num_classes, checkpoint_path=checkpoint_path,
+                      in_chans=in_chans, features_only=features_only, out_indices=out_indices, **kwargs)

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from .base import SlimNet, new_end_points, pooled_features
+from .base import SlimNet, pooled_features
 from .layers import (Activation, Conv2d, MaxPool2d, NormFactory, batch_norm_factory, reduce_mean_hw,
                      variance_scaling_)
 
@@ -210,6 +210,7 @@ class ResNet(SlimNet):
         super().__init__(num_classes)
         self.scope = scope
         self.classifier_scope = f"{scope}/logits"
+        self.classifier_scopes = (self.classifier_scope,)
         self.global_pool = global_pool
         self.spatial_squeeze = spatial_squeeze
         self.include_root_block = include_root_block
@@ -246,10 +247,10 @@ class ResNet(SlimNet):
         postnorm = self._make_postnorm(channels, norm)
         if postnorm is not None:
             body.postnorm = postnorm
-        if num_classes:
-            body.logits = pointwise_conv(channels, num_classes)
         self.add_module(scope, body)
         _init_like_resnet_arg_scope(self)
+        # Built after the body's init: the same draws, in the same order, as one pass over all layers.
+        self._build_classifier(num_classes)
         self._end_point_root = f"{scope}/conv1"
         self._end_point_logits = f"{scope}/logits"
         self._end_point_squeeze = f"{scope}/spatial_squeeze"
@@ -264,8 +265,17 @@ class ResNet(SlimNet):
     def _make_postnorm(self, channels: int, norm: NormFactory) -> Optional[nn.Module]:
         return None
 
-    # Shared forward ------------------------------------------------------------------------
-    def forward_features(self, x: Tensor, end_points: "OrderedDict[str, Tensor]") -> Tensor:
+    # Shared forward (the two hooks of the model contract) -------------------------------------
+    def _build_classifier(self, num_classes: int) -> None:
+        """The 1x1 '<scope>/logits' conv with resnet_arg_scope's init (none when headless)."""
+        body = self._modules[self.scope]
+        if num_classes:
+            body.logits = pointwise_conv(self.num_features, num_classes)
+            _init_like_resnet_arg_scope(body.logits)
+        elif "logits" in body._modules:
+            del body._modules["logits"]
+
+    def _forward_features(self, x: Tensor, end_points: "OrderedDict[str, Tensor]") -> Tensor:
         """Root block, the four blocks and (v2) postnorm: the feature map before pooling."""
         body = self._modules[self.scope]
         if self.include_root_block:
@@ -280,15 +290,15 @@ class ResNet(SlimNet):
             net = torch.relu_(body.postnorm(net))
         return net
 
-    def forward_endpoints(self, x: Tensor) -> tuple[Tensor, "OrderedDict[str, Tensor]"]:
-        """Logits and slim's end points (conv1, every unit's convs and output, blocks, global_pool,
-        <scope>/logits, <scope>/spatial_squeeze, predictions). Headless: pooled features [N, C]."""
-        end_points = new_end_points()
-        net = self.forward_features(x, end_points)
+    def _forward_head(self, features: Tensor, end_points: "OrderedDict[str, Tensor]",
+                      pre_logits: bool = False) -> Tensor:
+        """global_pool, <scope>/logits, <scope>/spatial_squeeze, predictions. Headless or pre_logits:
+        the pooled features [N, C]."""
+        net = features
         if self.global_pool:
             net = end_points["global_pool"] = reduce_mean_hw(net)
-        if not self.num_classes:
-            return pooled_features(net), end_points
+        if not self.num_classes or pre_logits:
+            return pooled_features(net)
         net = end_points[self._end_point_logits] = self._modules[self.scope].logits(net)
         if self.spatial_squeeze:
             if net.shape[2] != 1 or net.shape[3] != 1:
@@ -297,4 +307,4 @@ class ResNet(SlimNet):
             net = end_points[self._end_point_squeeze] = net.flatten(1)
         # slim.softmax normalizes the last (channel) axis; channels are axis 1 here.
         end_points["predictions"] = torch.softmax(net, dim=1)
-        return net, end_points
+        return net

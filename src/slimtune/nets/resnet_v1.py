@@ -93,7 +93,8 @@ def _register_v1(depth: int, published: Optional[str]) -> Callable[..., ResNetV1
     build.__doc__ = (f"ResNet-{depth} v1 (slim nets/resnet_v1.py, scope '{scope}'); "
                      "VGG preprocessing at 224, 1000-class checkpoints.")
     return register_model(scope, default_image_size=224, preprocessing="vgg", checkpoint_num_classes=1000,
-                          scope=scope, published_checkpoint=published)(build)
+                          scope=scope, published_checkpoint=published,
+                          classifier_scopes=(f"{scope}/logits",), first_conv=f"{scope}/conv1")(build)
 
 
 resnet_v1_50 = _register_v1(50, "resnet_v1_50_2016_08_28.tar.gz")

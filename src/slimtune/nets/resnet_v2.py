@@ -95,7 +95,8 @@ def _register_v2(depth: int, published: Optional[str]) -> Callable[..., ResNetV2
     build.__doc__ = (f"ResNet-{depth} v2 (slim nets/resnet_v2.py, scope '{scope}'); Inception preprocessing "
                      "at 299 (not slim's factory's 'vgg'), 1001-class checkpoints.")
     return register_model(scope, default_image_size=299, preprocessing="inception", checkpoint_num_classes=1001,
-                          scope=scope, published_checkpoint=published)(build)
+                          scope=scope, published_checkpoint=published,
+                          classifier_scopes=(f"{scope}/logits",), first_conv=f"{scope}/conv1")(build)
 
 
 resnet_v2_50 = _register_v2(50, "resnet_v2_50_2017_04_14.tar.gz")
