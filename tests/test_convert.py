@@ -14,11 +14,12 @@ import skimage.data
 from PIL import Image
 
 from slimtune.data.base import ImageSource
-from slimtune.data.convert import (ConversionReport, convert_to_tfrecord, detect_source,
-                                   encode_for_record, open_converted, shard_filename)
+from slimtune.data.convert import (ConversionReport, convert_to_tfrecord, encode_for_record, open_converted,
+                                   shard_filename)
 from slimtune.data.decode import BadImageError, decode_image
 from slimtune.data.manifest import ManifestSource, find_manifest
 from slimtune.data.slim_datasets import DATASET_SPEC_FILENAME, find_shards, get_split
+from slimtune.data.sources import detect_source
 from slimtune.data.tfrecord import iter_examples
 from slimtune.data.voc import VOCSource
 from slimtune.errors import ConfigError, DataError
@@ -238,25 +239,25 @@ def test_progress_bar_is_shown(devkit, tmp_path, capsys):
 
 def test_detect_source_tells_the_layouts_apart(devkit, tmp_path):
     for root in (devkit.parent, devkit, devkit / "VOC2007"):
-        assert detect_source(root) == "voc"
+        assert detect_source(root).name == "voc"
     folder = tmp_path / "pets"
     for cls in ("cat", "dog"):
         (folder / cls).mkdir(parents=True)
         Image.fromarray(skimage.data.chelsea()[:8, :8]).save(folder / cls / "1.jpg")
-    assert detect_source(folder) == "folder"
+    assert detect_source(folder).name == "folder"
     manifest = tmp_path / "pets.csv"
     manifest.write_text("pets/cat/1.jpg,cat\n")
-    assert detect_source(manifest) == "manifest"
+    assert detect_source(manifest).name == "manifest"
     only = tmp_path / "listed"
     only.mkdir()
     shutil.copy(manifest, only / "data.jsonl")
-    assert detect_source(only) == "manifest" and find_manifest(only) == only / "data.jsonl"
+    assert detect_source(only).name == "manifest" and find_manifest(only) == only / "data.jsonl"
     (only / "second.csv").write_text("x.jpg,cat\n")
     with pytest.raises(DataError, match="expected exactly one manifest"):
         find_manifest(only)
-    assert detect_source(FIXTURES / "converted" / "single") == "tfrecord"
-    assert detect_source(FIXTURES / "imagenet") == "tfrecord"
-    assert detect_source(FIXTURES / "imagenet" / "train-00000-of-00001") == "tfrecord"
+    assert detect_source(FIXTURES / "converted" / "single").name == "tfrecord"
+    assert detect_source(FIXTURES / "imagenet").name == "tfrecord"
+    assert detect_source(FIXTURES / "imagenet" / "train-00000-of-00001").name == "tfrecord"
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(DataError, match="cannot tell what"):

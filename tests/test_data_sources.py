@@ -318,3 +318,21 @@ def test_labels_offset_shifts_labels_like_slim():
                          class_names=["background", "a", "b", "c"])
     batch = next(iter(_loader(source, labels_offset=1, channels=3)))
     assert batch.targets.tolist() == [0, 1, 2, 0]
+
+
+def _split_layout(cats_vs_dogs: Path, root: Path) -> Path:
+    """dir/<split>/<class>: the same two classes under train/ and validation/."""
+    import shutil
+    for split in ("train", "validation"):
+        shutil.copytree(cats_vs_dogs, root / split)
+    return root
+
+
+def test_a_misspelt_split_of_a_split_layout_is_an_error_listing_the_splits(cats_vs_dogs, tmp_path):
+    root = _split_layout(cats_vs_dogs, tmp_path / "pets")
+    assert build_source(dataset_dir=str(root), split="validation").class_names == ["cat", "dog"]
+    # 'trian' used to open the whole tree with the split folders as the classes
+    with pytest.raises(DataError, match=r"no split 'trian' \(did you mean train\?\); its splits are train, validation"):
+        build_source(dataset_dir=str(root), split="trian")
+    # a flat class folder is one split and opens whole under any name
+    assert len(build_source(dataset_dir=str(cats_vs_dogs), split="train")) == 12

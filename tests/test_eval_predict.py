@@ -17,7 +17,7 @@ from slimtune.config import EvalConfig, TrainConfig
 from slimtune.demo import write_held_out_images
 from slimtune.evaluate.run import evaluate_checkpoint, watch
 from slimtune.predict import expand_inputs, predict
-from slimtune.train import checkpoints as ckpt
+from slimtune.checkpoint import train_dir as ckpt
 from slimtune.train.loop import train
 
 
@@ -103,3 +103,17 @@ def test_predict_skips_unreadable_images_and_reports_missing_inputs(trained, tmp
     assert main(["predict", "--checkpoint_path", str(trained), str(tmp_path / "absent.png")]) == 2
     assert "no such image" in capsys.readouterr().err
     assert expand_inputs([str(tmp_path)]) == [broken, good]
+
+
+def test_eval_of_a_misspelt_split_is_refused_and_writes_no_results(trained, tmp_path, capsys):
+    root = tmp_path / "digits_images"
+    for path in write_held_out_images(tmp_path / "flat", count=20):
+        label = path.stem.rsplit("_", 1)[1]
+        for split in ("train", "validation"):
+            (root / split / label).mkdir(parents=True, exist_ok=True)
+            shutil.copy(path, root / split / label / path.name)
+    eval_dir = tmp_path / "eval"
+    assert main(["eval", "--checkpoint_path", str(trained), "--dataset_dir", str(root), "--dataset_split_name",
+                 "validaton", "--num_workers", "0", "--eval_dir", str(eval_dir)]) == 2
+    assert "no split 'validaton' (did you mean validation?)" in capsys.readouterr().err
+    assert not eval_dir.exists() or not any(eval_dir.iterdir())

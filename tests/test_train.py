@@ -16,7 +16,7 @@ from slimtune.config import TrainConfig, build_config
 from slimtune.errors import ConfigError
 from slimtune.config import EvalConfig
 from slimtune.evaluate.run import evaluate_checkpoint
-from slimtune.train import checkpoints as ckpt
+from slimtune.checkpoint import train_dir as ckpt
 from slimtune.train.loop import train
 
 
@@ -40,23 +40,6 @@ def test_lenet_on_bundled_digits_reaches_95_percent(tmp_path):
     assert Path(results["results_file"]).parent == tmp_path  # beside the checkpoint
 
 
-def test_interrupted_run_resumes_at_its_checkpoint_with_the_same_optimizer_state(tmp_path):
-    straight = train(lenet_config(tmp_path / "straight", max_number_of_steps=20, deterministic=True))
-    first = train(lenet_config(tmp_path / "resumed", max_number_of_steps=10, deterministic=True))
-    assert first.step == 10
-    saved_state = ckpt.load_state(ckpt.latest_checkpoint(tmp_path / "resumed"))
-    assert saved_state["step"] == 10 and saved_state["optimizer"]["state"]  # Adam moments were saved
-    second = train(lenet_config(tmp_path / "resumed", max_number_of_steps=20, deterministic=True))
-    assert second.step == 20
-    log = (tmp_path / "resumed" / "train.log").read_text()
-    assert "Resumed from model.ckpt-10.safetensors at step 10" in log
-    # Same data order, same optimizer state: the resumed run ends exactly where the straight one does.
-    a, b = load_file(str(straight.checkpoint)), load_file(str(second.checkpoint))
-    assert a.keys() == b.keys()
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
-
-
 def test_deterministic_cpu_runs_repeat_bit_for_bit(tmp_path):
     runs = [train(lenet_config(tmp_path / f"run{i}", max_number_of_steps=6, deterministic=True, seed=7))
             for i in range(2)]
@@ -65,16 +48,6 @@ def test_deterministic_cpu_runs_repeat_bit_for_bit(tmp_path):
     other = train(lenet_config(tmp_path / "other", max_number_of_steps=6, deterministic=True, seed=8))
     c = load_file(str(other.checkpoint))
     assert not all(torch.equal(a[k], c[k]) for k in a)
-
-
-def test_checkpoints_are_never_half_written(tmp_path):
-    train(lenet_config(tmp_path, max_number_of_steps=4))
-    latest = ckpt.latest_checkpoint(tmp_path)
-    # A crash while writing step 8 leaves a temporary file and no state file: step 4 stays the latest.
-    (tmp_path / "model.ckpt-8.safetensors.tmp").write_bytes(b"partial")
-    (tmp_path / "model.ckpt-8.safetensors").write_bytes(b"partial")
-    assert ckpt.latest_checkpoint(tmp_path).step == latest.step == 4
-    assert (tmp_path / "checkpoint").read_text().startswith('model_checkpoint_path: "model.ckpt-4.safetensors"')
 
 
 def test_train_dir_of_another_network_is_refused(tmp_path):
@@ -146,3 +119,15 @@ def test_freeze_batch_norm_keeps_moving_statistics(tmp_path, cats_vs_dogs):
     statistics = [name for name in fresh if name.endswith(("running_mean", "running_var"))]
     assert statistics and all(torch.equal(weights[name], fresh[name]) for name in statistics)
     assert not torch.equal(weights["MobilenetV1.Conv2d_0.weight"], fresh["MobilenetV1.Conv2d_0.weight"])
+
+
+def test_a_misspelt_split_is_refused_before_anything_is_written(tmp_path, cats_vs_dogs, capsys):
+    import shutil
+    for split in ("train", "validation"):
+        shutil.copytree(cats_vs_dogs, tmp_path / "pets" / split)
+    train_dir = tmp_path / "run"
+    assert main(["train", "--model_name", "lenet", "--dataset_dir", str(tmp_path / "pets"), "--dataset_split_name",
+                 "trian", "--train_dir", str(train_dir), "--max_number_of_steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "no split 'trian' (did you mean train?); its splits are train, validation" in err
+    assert "Traceback" not in err and not (train_dir / "labels.txt").exists()

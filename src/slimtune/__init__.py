@@ -3,6 +3,15 @@
     import slimtune
     model = slimtune.create_model("resnet_v1_50", num_classes=2)
     plan = slimtune.restore(model, "resnet_v1_50.ckpt", exclude_scopes=["resnet_v1_50/logits"])
+
+Imports flow one way, bottom to top (tests/test_layering.py checks it, lazy imports included):
+    0  errors, utils, malloc
+    1  config, runtime (device, DDP, seeding), checkpoint (readers, restore, run checkpoints in a
+       train_dir), data, preprocessing
+    2  nets
+    3  evaluate, train (which may evaluate during training), predict, features, probe
+    4  demo, cli
+A module imports its own tier and those below, never above, and the packages form no cycle.
 """
 
 from importlib import import_module

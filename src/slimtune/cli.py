@@ -117,11 +117,37 @@ def _cmd_features(args: argparse.Namespace) -> int:
     return 0
 
 
+def _comma_list(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _cmd_probe(args: argparse.Namespace) -> int:
+    from .errors import ConfigError
+    from .probe import run_probe
+    from .runtime import pick_device
+
+    try:
+        rates = [float(rate) for rate in _comma_list(args.learning_rates)]
+    except ValueError as error:
+        raise ConfigError(f"--learning_rates must be a comma list of numbers ({error})") from error
+    results = run_probe(model_name=args.model_name, checkpoint_path=args.checkpoint_path,
+                        dataset_name=args.dataset_name, dataset_dir=args.dataset_dir,
+                        endpoints=_comma_list(args.endpoints), learning_rates=rates, output_dir=args.output_dir,
+                        train_split=args.train_split, eval_split=args.eval_split, num_epochs=args.num_epochs,
+                        batch_size=args.batch_size, image_size=args.image_size,
+                        preprocessing_name=args.preprocessing_name, labels_offset=args.labels_offset,
+                        num_workers=args.num_workers, seed=args.seed, weight_decay=args.weight_decay,
+                        cache_dir=args.cache_dir, device=str(pick_device(args.device)))
+    print(json.dumps(results["best"]))
+    return 0
+
+
 def _cmd_data_convert(args: argparse.Namespace) -> int:
     from .data.convert import convert_command
 
     out = convert_command(args.source, args.output, name=args.name, num_shards=args.num_shards,
-                          splits=args.splits, validation_fraction=args.validation_fraction, seed=args.seed)
+                          splits=args.splits, validation_fraction=args.validation_fraction, seed=args.seed,
+                          output_format=args.format)
     print(f"wrote {out}", file=sys.stderr)
     return 0
 
@@ -185,7 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     features = command("features", _cmd_features, "write an end point's activations for each image")
     features.add_argument("images", nargs="+", help="image files, folders or glob patterns")
-    features.add_argument("--model_name", "--model-name", required=True)
+    features.add_argument("--model_name", "--model-name",
+                          help="network (default: recorded in a slimtune checkpoint)")
     features.add_argument("--checkpoint_path", "--checkpoint-path")
     features.add_argument("--checkpoint_name_map", "--checkpoint-name-map", action="append", default=[])
     features.add_argument("--endpoint", required=True, help="end point name, e.g. resnet_v1_50/block4")
@@ -196,10 +223,33 @@ def build_parser() -> argparse.ArgumentParser:
     features.add_argument("--batch_size", "--batch-size", type=int, default=32)
     features.add_argument("--device", default="auto")
 
+    probe = command("probe", _cmd_probe, "linear probes on several end points x learning rates over one frozen pass")
+    probe.add_argument("--model_name", "--model-name", required=True)
+    probe.add_argument("--checkpoint_path", "--checkpoint-path", help="the backbone's weights (slim, TF or slimtune)")
+    probe.add_argument("--dataset_name", "--dataset-name")
+    probe.add_argument("--dataset_dir", "--dataset-dir")
+    probe.add_argument("--endpoints", required=True, help="comma list, e.g. block2,block3,block4,global_pool")
+    probe.add_argument("--learning_rates", "--learning-rates", default="1e-3,1e-2,1e-1", help="comma list")
+    probe.add_argument("--output_dir", "--output-dir", required=True,
+                       help="results table, plot, feature cache and the best head's checkpoint (best/)")
+    probe.add_argument("--train_split", "--train-split", default="train")
+    probe.add_argument("--eval_split", "--eval-split", default="auto")
+    probe.add_argument("--num_epochs", "--num-epochs", type=int, default=10)
+    probe.add_argument("--batch_size", "--batch-size", type=int, default=64)
+    probe.add_argument("--image_size", "--image-size", type=int)
+    probe.add_argument("--preprocessing_name", "--preprocessing-name")
+    probe.add_argument("--labels_offset", "--labels-offset", type=int, default=0)
+    probe.add_argument("--weight_decay", "--weight-decay", type=float, default=0.0)
+    probe.add_argument("--num_workers", "--num-workers", type=int, default=0)
+    probe.add_argument("--seed", type=int, default=0)
+    probe.add_argument("--cache_dir", "--cache-dir", help="feature cache (default: OUTPUT_DIR/feature_cache)")
+    probe.add_argument("--device", default="auto")
+
     data = command("data", lambda a: _missing_subcommand(data), "dataset tools")
     data_commands = data.add_subparsers(dest="subcommand", metavar="SUBCOMMAND")
     convert_data = command("convert", _cmd_data_convert,
-                           "image folder / VOC / manifest -> slim TFRecord shards + labels.txt", data_commands)
+                           "image folder / VOC / manifest -> TFRecord (slim's) or WebDataset shards + labels.txt",
+                           data_commands)
     convert_data.add_argument("source")
     convert_data.add_argument("output")
     convert_data.add_argument("--name", default=None, help="dataset name used in shard file names")
@@ -209,6 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert_data.add_argument("--validation_fraction", "--validation-fraction", type=float, default=0.0,
                               help="image folders without split folders: hold out this fraction as validation")
     convert_data.add_argument("--seed", type=int, default=0)
+    convert_data.add_argument("--format", default="tfrecord", choices=("tfrecord", "webdataset"),
+                              help="shards to write: slim's TFRecords or WebDataset tar files")
     return parser
 
 
@@ -232,9 +284,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise
         print(f"slimtune: error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("slimtune: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as interrupted:
+        # 128 + the signal number, as a shell reports a process ended by it (130 for Ctrl-C,
+        # 143 for SIGTERM); training has already said where it saved.
+        signum = getattr(interrupted, "signum", 2)
+        if signum == 2 and not hasattr(interrupted, "signum"):
+            print("slimtune: interrupted", file=sys.stderr)
+        return 128 + signum
 
 
 if __name__ == "__main__":

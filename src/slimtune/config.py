@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import json
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
@@ -44,6 +46,18 @@ class DataSettings:
     on_bad_image: str = _flag("skip", "unreadable images: skip and count, or fail", choices=("skip", "fail"))
     multi_label: Optional[bool] = _flag(None, "multi-label task: sigmoid cross-entropy on multi-hot targets "
                                               "(implied by VOC and multi-label manifests)")
+    max_image_pixels: int = _flag(50_000_000, "images with more pixels are bad images, refused from their header "
+                                              "before decoding (Pillow warns at ~89 M)")
+
+    def __post_init__(self) -> None:
+        # Every way of making settings (flags, YAML, code) is checked here, when they are made.
+        validate_config(self)
+        if type(self.max_image_pixels) is not int or self.max_image_pixels < 1:
+            raise ConfigError(f"--max_image_pixels must be a positive integer, got {self.max_image_pixels!r}")
+        # The decoders (and the loader workers they run in) read the limit from the environment.
+        import os
+
+        os.environ["SLIMTUNE_MAX_IMAGE_PIXELS"] = str(self.max_image_pixels)
 
 
 @dataclass
@@ -185,6 +199,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, config_class: type)
 
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
+SAVED_SECTIONS = {"settings", "resolved", "versions"}  # the layout dump_config writes
 
 
 def bundled_recipes() -> list[str]:
@@ -205,6 +220,10 @@ def load_yaml(path: Union[str, Path]) -> dict[str, Any]:
         raise ConfigError(f"--config {path}: not valid YAML ({error})") from error
     if not isinstance(data, dict):
         raise ConfigError(f"--config {path}: expected a mapping of setting: value")
+    if isinstance(data.get("settings"), dict) and set(data) <= SAVED_SECTIONS:
+        # A run's saved config.yaml: its settings reproduce the run; resolved facts and versions
+        # are records, not settings. Its own `config` entry (the recipe it came from) is history.
+        data = {k: v for k, v in data["settings"].items() if k != "config"}
     return {str(key).replace("-", "_"): value for key, value in data.items()}
 
 
@@ -221,15 +240,15 @@ def build_config(config_class: type, given: dict[str, Any]):
     for key, value in merged.items():
         name = aliases.get(key, key)
         if name not in known:
-            close = [n for n in known if n.startswith(name[:4])][:3]
-            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            close = difflib.get_close_matches(name, list(known) + list(aliases), n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]}?" if close else ""
             raise ConfigError(f"unknown setting {key!r}{hint}")
         values[name] = _coerce(name, value, hints[name], known[name])
     return config_class(**values)
 
 
 def _coerce(name: str, value: Any, annotation: Any, item: dataclasses.Field) -> Any:
-    """Check and convert a value from YAML or code to the field's type."""
+    """Check and convert a value from YAML or code to the field's type (range and choices: validate_config)."""
     kind = _scalar_type(annotation)
     if value is None:
         return None
@@ -238,18 +257,87 @@ def _coerce(name: str, value: Any, annotation: Any, item: dataclasses.Field) -> 
     try:
         if kind is bool:
             return value if isinstance(value, bool) else _parse_bool(value)
-        if kind in (int, float):
-            return kind(value)
+        if isinstance(value, bool) and kind in (int, float):
+            raise TypeError("a true/false value is not a number")
+        if kind is int:
+            number = float(value) if isinstance(value, str) else value
+            if isinstance(number, float) and not number.is_integer():
+                raise ValueError("not a whole number")
+            return int(number)
+        if kind is float:
+            return float(value)
         if kind is str and isinstance(value, (list, tuple)):
             return ",".join(str(v) for v in value)
         if kind is str:
+            if isinstance(value, dict):
+                raise TypeError("a mapping is not text")
             return str(value)
-    except (TypeError, ValueError, argparse.ArgumentTypeError) as error:
+    except (TypeError, ValueError, OverflowError, argparse.ArgumentTypeError) as error:
         raise ConfigError(f"setting {name}: {value!r} is not a valid {kind.__name__}") from error
-    choices = item.metadata.get("choices")
-    if choices and value not in choices:
-        raise ConfigError(f"setting {name}: {value!r} is not one of {', '.join(choices)}")
     return value
+
+
+# Allowed ranges: (low, high); a bound in a one-item list is exclusive, None is open.
+RANGES: dict[str, tuple[Any, Any]] = {
+    "learning_rate": ([0.0], None), "end_learning_rate": (0.0, None), "learning_rate_decay_factor": ([0.0], 1.0),
+    "num_epochs_per_decay": ([0.0], None), "warmup_epochs": (0.0, None), "weight_decay": (0.0, None),
+    "label_smoothing": (0.0, [1.0]), "opt_epsilon": ([0.0], None), "adadelta_rho": (0.0, 1.0),
+    "adagrad_initial_accumulator_value": (0.0, None), "adam_beta1": (0.0, [1.0]), "adam_beta2": (0.0, [1.0]),
+    "ftrl_learning_rate_power": (None, 0.0), "ftrl_initial_accumulator_value": ([0.0], None),
+    "ftrl_l1": (0.0, None), "ftrl_l2": (0.0, None), "momentum": (0.0, 1.0), "rmsprop_momentum": (0.0, 1.0),
+    "rmsprop_decay": (0.0, 1.0), "batch_size": (1, None), "max_number_of_steps": (1, None),
+    "num_epochs": ([0.0], None), "num_classes": (1, None), "train_image_size": (1, None),
+    "eval_image_size": (1, None), "labels_offset": (0, None), "num_workers": (0, None),
+    "log_every_n_steps": (1, None), "save_every_n_steps": (1, None), "keep_checkpoint_max": (1, None),
+    "eval_every_n_steps": (1, None), "save_interval_secs": (0.0, None), "save_summaries_secs": (0.0, None),
+    "max_num_batches": (1, None), "eval_interval_secs": (0.0, None), "timeout_secs": (0.0, None),
+    "seed": (0, None),
+}
+# Durations where infinity means "never"; every other float must be finite.
+_INFINITE_OK = {"save_interval_secs", "save_summaries_secs", "eval_interval_secs", "timeout_secs"}
+
+
+def _check_range(name: str, value: Any) -> None:
+    if isinstance(value, float) and (math.isnan(value) or (math.isinf(value) and name not in _INFINITE_OK)):
+        raise ConfigError(f"setting {name}: {value} is not a finite number")
+    low, high = RANGES.get(name, (None, None))
+    for bound, below in ((low, True), (high, False)):
+        if bound is None:
+            continue
+        exclusive = isinstance(bound, list)
+        limit = bound[0] if exclusive else bound
+        outside = (value <= limit if exclusive else value < limit) if below else \
+                  (value >= limit if exclusive else value > limit)
+        if outside:
+            relation = (">" if exclusive else ">=") if below else ("<" if exclusive else "<=")
+            raise ConfigError(f"setting {name}: {value!r} is out of range (must be {relation} {limit:g})")
+
+
+def validate_config(config: Any) -> None:
+    """Check every field's type, range and choices; one ConfigError line naming the field."""
+    hints = get_type_hints(type(config))
+    for item in fields(config):
+        value = getattr(config, item.name)
+        if value is None:
+            continue
+        kind = _scalar_type(hints[item.name])
+        if item.metadata.get("repeatable"):
+            if not isinstance(value, list):
+                raise ConfigError(f"setting {item.name}: expected a list, got {value!r}")
+            continue
+        wrong_type = (kind is bool and not isinstance(value, bool)) or \
+                     (kind is int and (isinstance(value, bool) or not isinstance(value, int))) or \
+                     (kind is float and (isinstance(value, bool) or not isinstance(value, (int, float)))) or \
+                     (kind is str and not isinstance(value, str))
+        if wrong_type:
+            raise ConfigError(f"setting {item.name}: {value!r} is not a valid {getattr(kind, '__name__', kind)}")
+        choices = item.metadata.get("choices")
+        if choices and value not in choices:
+            close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise ConfigError(f"setting {item.name}: {value!r} is not one of {', '.join(map(str, choices))}{hint}")
+        if kind in (int, float):
+            _check_range(item.name, value)
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:

@@ -23,3 +23,11 @@ class DataError(SlimtuneError):
 
 class RestoreError(CheckpointError):
     """A restore plan has problems nobody asked to ignore."""
+
+
+class TrainingDiverged(SlimtuneError):
+    """The loss became NaN or infinite."""
+
+
+class DiskFullError(SlimtuneError):
+    """A write ran out of space (or hit the file-size limit); the partial file was removed."""

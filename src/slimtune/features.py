@@ -148,7 +148,7 @@ def read_features(path: PathLike) -> tuple[np.ndarray, list[str]]:
         return handle.get_tensor("features"), list(json.loads(metadata["image_paths"]))
 
 
-def features_command(*, model_name: str, endpoint: str, images: Sequence[str], output: PathLike,
+def features_command(*, model_name: Optional[str], endpoint: str, images: Sequence[str], output: PathLike,
                      checkpoint_path: Optional[str] = None, num_classes: Optional[int] = None,
                      image_size: Optional[int] = None, preprocessing_name: Optional[str] = None,
                      batch_size: int = 32, device: str = "auto", name_map: Optional[Sequence[str]] = None) -> Path:
@@ -158,18 +158,28 @@ def features_command(*, model_name: str, endpoint: str, images: Sequence[str], o
     from .nets.registry import get_model_spec
     from .predict import expand_inputs
     from .preprocessing import get_preprocessing
-    from .train.runtime import pick_device
+    from .runtime import pick_device
 
-    spec = get_model_spec(model_name)
     torch_device = pick_device(device)
-    model = spec.build(spec.checkpoint_num_classes if num_classes is None else num_classes)
-    if checkpoint_path:
-        # Advice in the plan names only flags `slimtune features` accepts.
-        restore(model, checkpoint_path, name_map=list(name_map) if name_map else None, advice=FEATURES_ADVICE)
+    meta: dict[str, str] = {}
+    if not model_name and checkpoint_path:
+        # A slimtune run's checkpoint records how to rebuild its net (custom nets too).
+        from .evaluate.run import load_for_eval
+
+        model, spec, meta, _ = load_for_eval(checkpoint_path, None, num_classes, torch_device)
+    else:
+        if not model_name:
+            raise ConfigError("features needs --checkpoint_path (a slimtune run) or --model_name")
+        spec = get_model_spec(model_name)
+        model = spec.build(spec.checkpoint_num_classes if num_classes is None else num_classes)
+        if checkpoint_path:
+            # Advice in the plan names only flags `slimtune features` accepts.
+            restore(model, checkpoint_path, name_map=list(name_map) if name_map else None, advice=FEATURES_ADVICE)
     model.to(torch_device)
     paths = expand_inputs(images)
-    size = image_size or spec.default_image_size
-    preprocess = get_preprocessing(preprocessing_name or spec.preprocessing, is_training=False)
+    size = image_size or (int(meta["image_size"]) if meta.get("image_size") else spec.default_image_size)
+    preprocess = get_preprocessing(preprocessing_name or meta.get("preprocessing") or spec.preprocessing,
+                                   is_training=False)
     tensors = (preprocess(torch.from_numpy(decode_image(p, spec.in_channels, description=str(p))).permute(2, 0, 1),
                           size, size) for p in paths)
     features = extract_features(model, endpoint, tensors, batch_size=batch_size, device=torch_device)

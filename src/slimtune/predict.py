@@ -21,7 +21,7 @@ from .data.folder import IMAGE_EXTENSIONS, list_images
 from .errors import ConfigError, DataError
 from .evaluate.run import THRESHOLDS_FILENAME, load_for_eval
 from .preprocessing import get_preprocessing
-from .train.runtime import pick_device
+from .runtime import pick_device
 
 
 @dataclass

@@ -23,7 +23,6 @@ _WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".npy", ".npz")
 # When the bytes match no known magic, the extension picks the parser, so that a damaged file
 # gets that parser's specific complaint instead of "unrecognised".
 _SUFFIX_FORMATS = {".safetensors": "safetensors", ".pth": "torch", ".pt": "torch", ".npy": "numpy", ".npz": "numpy"}
-_STATE_LINE = re.compile(r'^\s*model_checkpoint_path\s*:\s*"((?:[^"\\]|\\.)*)"\s*$', re.MULTILINE)
 
 
 def read_checkpoint(path: str | os.PathLike, *, verify_checksums: bool = True) -> CheckpointReader:
@@ -36,6 +35,8 @@ def read_checkpoint(path: str | os.PathLike, *, verify_checksums: bool = True) -
     if Path(prefix + ".index").is_file():
         return TFV2Reader(prefix, verify_checksums=verify_checksums)
     if not target.is_file():
+        if target.exists():   # a fifo would block the sniffing read; a device never ends
+            raise CheckpointError(f"checkpoint {original} is not a regular file (a pipe, device or socket)")
         raise CheckpointError(f"checkpoint not found: {original} (no such file, and no {original}.index)")
     kind = sniff_format(target) or _SUFFIX_FORMATS.get(target.suffix.lower())
     if kind == "tf_table":
@@ -49,7 +50,7 @@ def read_checkpoint(path: str | os.PathLike, *, verify_checksums: bool = True) -
     if kind == "torch":
         from slimtune.checkpoint.torch_io import TorchReader
 
-        return TorchReader(target)
+        return TorchReader(target, verify_checksums=verify_checksums)
     if kind == "numpy":
         from slimtune.checkpoint.torch_io import NumpyReader
 
@@ -74,8 +75,8 @@ def sniff_format(path: Path) -> str | None:
         try:
             with zipfile.ZipFile(path) as archive:
                 names = archive.namelist()
-        except (zipfile.BadZipFile, OSError):
-            return None
+        except (zipfile.BadZipFile, OSError, NotImplementedError, ValueError, EOFError):
+            return None   # the extension's parser says what is wrong
         if any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
             return "torch"
         if names and all(n.endswith(".npy") for n in names):
@@ -90,11 +91,13 @@ def sniff_format(path: Path) -> str | None:
 
 def _resolve_directory(directory: Path) -> Path:
     """Pick the checkpoint a directory means: the `checkpoint` state file's latest, else the only one."""
-    state = directory / "checkpoint"
+    from slimtune.checkpoint.state_file import STATE_FILENAME, read_state_file
+
+    state = directory / STATE_FILENAME
     if state.is_file():
-        match = _STATE_LINE.search(state.read_text(errors="replace"))
-        if match:
-            named = Path(re.sub(r"\\(.)", r"\1", match.group(1)))
+        latest = read_state_file(state).model_checkpoint_path
+        if latest:
+            named = Path(latest)
             for candidate in (named if named.is_absolute() else directory / named, directory / named.name):
                 if candidate.is_file() or Path(f"{candidate}.index").is_file():
                     return candidate
@@ -120,7 +123,8 @@ def list_checkpoints(directory: Path) -> list[Path]:
         name = entry.name
         if name.endswith(".index"):
             found[name[: -len(".index")]] = entry.with_name(name[: -len(".index")])
-        elif re.search(r"\.data-\d{5}-of-\d{5}$", name) or name.endswith(".meta") or name == "checkpoint":
+        elif (re.search(r"\.data-\d{5}-of-\d{5}$", name) or name.endswith((".meta", ".state.pt", ".tmp"))
+              or name == "checkpoint"):  # a run's training state and unfinished writes hold no weights
             continue
         elif name.endswith(_WEIGHT_SUFFIXES):
             found[name] = entry

@@ -13,7 +13,9 @@ import os
 import pickle
 import pickletools
 import struct
+import tokenize
 import zipfile
+import zlib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -76,15 +78,17 @@ class SafetensorsReader(CheckpointReader):
         if header_size > min(file_size - 8, MAX_SAFETENSORS_HEADER):
             raise CheckpointError(f"{path}: safetensors header claims {header_size} bytes, more than the file holds")
         try:
-            header = json.loads(os.pread(self._fd, header_size, 8))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            header = json.loads(os.pread(self._fd, header_size, 8), object_pairs_hook=_no_duplicate_keys)
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:   # ValueError: JSON and huge ints
             raise CheckpointError(f"{path}: safetensors header is not valid JSON ({exc})") from None
         if not isinstance(header, dict):
             raise CheckpointError(f"{path}: safetensors header is not a JSON object")
         data_start = 8 + header_size
         data_size = file_size - data_start
         metadata = header.pop("__metadata__", None) or {}
-        infos, offsets = {}, {}
+        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+            raise CheckpointError(f"{path}: safetensors __metadata__ must map names to strings")
+        infos, offsets, spans = {}, {}, []
         for name, spec in header.items():
             try:
                 code, shape, (begin, end) = spec["dtype"], tuple(spec["shape"]), spec["data_offsets"]
@@ -107,7 +111,19 @@ class SafetensorsReader(CheckpointReader):
                     f"{path}: {name} has data offsets [{begin}, {end}) that do not fit its shape or the file")
             infos[name] = TensorInfo(shape, dtype, end - begin)
             offsets[name] = data_start + begin
-        return infos, offsets, metadata if isinstance(metadata, dict) else {}
+            spans.append((begin, end, name))
+        # As the reference library: the tensors tile the data region exactly, in offset order.
+        covered = 0
+        for begin, end, name in sorted(spans):
+            if begin != covered:
+                problem = "overlaps the previous tensor" if begin < covered else f"leaves a gap at byte {covered}"
+                raise CheckpointError(f"{path}: {name} at data offsets [{begin}, {end}) {problem}")
+            covered = end
+        if covered != data_size:
+            raise CheckpointError(f"{path}: the tensors cover {covered} of the {data_size} data bytes "
+                                  "(the file is not fully covered: extra or missing bytes)")
+        _reference_check(path)   # a second opinion: anything the reference library refuses, we refuse
+        return infos, offsets, metadata
 
     def _read_raw(self, name: str) -> np.ndarray:
         info = self._infos[name]
@@ -121,6 +137,34 @@ class SafetensorsReader(CheckpointReader):
             os.close(self._fd)
             self._fd = -1
         super().close()
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json object hook: a key given twice is an error (which one would count is a guess)."""
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise ValueError(f"duplicate key {key!r}")
+        result[key] = value
+    return result
+
+
+def _reference_check(path: Path) -> None:
+    """Let the `safetensors` library validate the header too: whatever it refuses, we refuse.
+
+    It only parses the header and maps the file (no tensor is read), so this costs little; the
+    reads themselves stay ours (pread into fresh arrays, no mapping kept).
+    """
+    try:
+        from safetensors import safe_open
+    except ImportError:   # pragma: no cover - a hard dependency; our own checks still apply
+        return
+    try:
+        with safe_open(str(path), framework="numpy"):
+            pass
+    except Exception as exc:   # SafetensorError, OSError, ...: the library's own reason
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: not a valid safetensors file ({reason[:300]})") from None
 
 
 def write_safetensors(
@@ -173,17 +217,125 @@ _TORCH_DTYPES = {
 _WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module")
 
 
+# Bytes per element of the storage classes torch.save names in a checkpoint's persistent ids.
+_STORAGE_ITEMSIZE = {
+    "DoubleStorage": 8, "FloatStorage": 4, "HalfStorage": 2, "BFloat16Storage": 2,
+    "LongStorage": 8, "IntStorage": 4, "ShortStorage": 2, "CharStorage": 1, "ByteStorage": 1,
+    "BoolStorage": 1, "ComplexFloatStorage": 8, "ComplexDoubleStorage": 16,
+    "UInt16Storage": 2, "UInt32Storage": 4, "UInt64Storage": 8, "UntypedStorage": 1,
+}
+# A deflated member expands at most ~1032x; data.pkl is metadata, so this also bounds its read.
+_MAX_DEFLATE_RATIO = 1032
+
+
+class _Placeholder:
+    """Stands for any global in a dry-run unpickling of data.pkl: accepts anything, runs nothing."""
+
+    def __init__(self, name: str = "", *args: Any, **kwargs: Any) -> None:
+        self.name = name
+
+    def __call__(self, *args: Any, **kwargs: Any) -> "_Placeholder":
+        return _Placeholder()
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        pass
+
+    def append(self, value: Any) -> None:
+        pass
+
+    def extend(self, values: Any) -> None:
+        pass
+
+
+class _StorageLister(pickle.Unpickler):
+    """Unpickles data.pkl without building anything, only to list (key, storage type, numel)."""
+
+    def __init__(self, file: Any) -> None:
+        super().__init__(file)
+        self.storages: list[tuple[str, str, int]] = []
+
+    def find_class(self, module: str, name: str) -> Any:
+        return _Placeholder(name)
+
+    def persistent_load(self, pid: Any) -> Any:
+        if isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage":
+            _, kind, key, _, count = pid
+            self.storages.append((str(key), getattr(kind, "name", ""), count))
+        return _Placeholder()
+
+
+def _is_zipfile(path: Path) -> bool:
+    """zipfile.is_zipfile, minus its exceptions: a damaged end record raises BadZipFile from it."""
+    try:
+        return zipfile.is_zipfile(path)
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, struct.error):
+        return True   # zip-like enough: the zip checks below say what is wrong
+
+
+def _check_torch_zip(path: Path, verify_crc: bool = True) -> None:
+    """What torch.load(mmap=True) leaves unchecked: every member's CRC-32, and each storage
+    record's size against the tensor data the pickle says it holds."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = archive.infolist()
+            for member in members:
+                if member.compress_type != zipfile.ZIP_STORED \
+                        and member.file_size > _MAX_DEFLATE_RATIO * member.compress_size + 4096:
+                    raise CheckpointError(f"{path}: zip member {member.filename} claims an impossible size")
+                if verify_crc:
+                    with archive.open(member) as stream:   # zipfile checks the CRC-32 at the end
+                        while stream.read(1 << 22):
+                            pass
+            pickles = [m for m in members if m.filename == "data.pkl" or m.filename.endswith("/data.pkl")]
+            if len(pickles) != 1:
+                return   # not torch's layout: torch.load says what is wrong
+            prefix = pickles[0].filename[: -len("data.pkl")]
+            lister = _StorageLister(io.BytesIO(archive.read(pickles[0])))
+            try:
+                lister.load()
+            except Exception as exc:  # torch.load will name the problem; nothing here was run
+                raise CheckpointError(f"{path}: data.pkl is not a readable pickle "
+                                      f"({type(exc).__name__}: {str(exc)[:200]})") from None
+            sizes = {m.filename: m.file_size for m in members}
+            for key, kind, count in lister.storages:
+                record = f"{prefix}data/{key}"
+                itemsize = _STORAGE_ITEMSIZE.get(kind)
+                if record not in sizes:
+                    raise CheckpointError(f"{path}: storage record {record} is missing")
+                if itemsize is None or type(count) is not int or count < 0:
+                    continue   # a storage type we do not know: torch.load decides
+                if sizes[record] != count * itemsize:
+                    raise CheckpointError(f"{path}: storage record {record} holds {sizes[record]} bytes, "
+                                          f"its tensor data needs {count * itemsize}")
+    except CheckpointError:
+        raise
+    except zipfile.BadZipFile as exc:
+        raise CheckpointError(f"{path}: corrupt zip archive ({exc})") from None
+    except (OSError, EOFError, zlib.error, NotImplementedError, RuntimeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: cannot read the zip archive ({type(exc).__name__}: {exc})") from None
+
+
 class TorchReader(CheckpointReader):
-    """A torch state_dict file; zip-format files are memory-mapped, so loading is lazy."""
+    """A torch state_dict file; zip-format files are memory-mapped, so loading is lazy.
+
+    Zip members are CRC-checked and storage records sized against their tensors first
+    (`verify_checksums=False` skips the CRC pass, not the size check).
+    """
 
     format = "torch"
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, verify_checksums: bool = True) -> None:
         import torch
 
         path = Path(path)
+        is_zip = _is_zipfile(path)
+        if is_zip:
+            _check_torch_zip(path, verify_crc=verify_checksums)
         try:
-            loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+            loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
         except Exception as exc:   # torch raises many types for hostile or foreign files
             first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise CheckpointError(f"{path}: torch.load(weights_only=True) refused the file ({first_line})") from None
@@ -232,14 +384,74 @@ class TorchReader(CheckpointReader):
 # ---------------------------------------------------------------------------------------------
 # numpy
 # ---------------------------------------------------------------------------------------------
+# What a numpy pickle of arrays needs. `numpy.ndarray` itself is not here: called directly it
+# hands out uninitialised memory of any size. Arrays come only from `_reconstruct` followed by
+# the BUILD that fills them from the file's bytes (see _PendingArray), or from `_frombuffer`.
 _SAFE_GLOBALS = {
     ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
     ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
     ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
-    ("numpy", "ndarray"), ("numpy", "dtype"),
+    ("numpy", "dtype"),
     ("collections", "OrderedDict"),
     ("_codecs", "encode"),   # how Python 2 pickles carried bytes; harmless
 }
+
+
+class _NdarrayToken:
+    """Stands for `numpy.ndarray` in a pickle: calling it is an error, not an allocation."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise CheckpointError("refusing to unpickle numpy.ndarray(...): it allocates memory the file does not fill")
+
+
+_NDARRAY_TOKEN = _NdarrayToken()
+
+
+class _PendingArray:
+    """What `_reconstruct` returns: an array whose shape, dtype and bytes all come from the
+    pickle's BUILD state, checked against each other; one never built is refused."""
+
+    __slots__ = ("array",)
+
+    def __init__(self) -> None:
+        self.array: np.ndarray | None = None
+
+    def __setstate__(self, state: Any) -> None:
+        if not isinstance(state, tuple) or len(state) not in (4, 5):
+            raise CheckpointError("pickled array has a malformed state")
+        version, shape, dtype, fortran, data = state if len(state) == 5 else (1, *state)
+        if version != 1:   # as numpy's own ndarray.__setstate__
+            raise CheckpointError(f"pickled array has state version {version!r}; numpy writes 1")
+        if not isinstance(dtype, np.dtype) or not isinstance(shape, tuple) \
+                or not all(type(d) is int and d >= 0 for d in shape):
+            raise CheckpointError("pickled array has a malformed shape or dtype")
+        count = numel(shape)
+        order = "F" if fortran else "C"
+        if dtype.hasobject:
+            if not isinstance(data, list) or len(data) != count:
+                raise CheckpointError(f"pickled object array of shape {shape} holds "
+                                      f"{len(data) if isinstance(data, list) else 'no'} items")
+            array = np.empty(count, dtype=object)
+            array[:] = data
+            self.array = array.reshape(shape, order=order)
+            return
+        if isinstance(data, str):
+            data = data.encode("latin1")   # Python 2 pickles carry the bytes as a latin-1 str
+        if not isinstance(data, (bytes, bytearray)) or len(data) != count * dtype.itemsize:
+            size = len(data) if isinstance(data, (bytes, bytearray, str)) else "no"
+            raise CheckpointError(f"pickled array of shape {shape} and dtype {dtype} comes with {size} "
+                                  f"bytes, not {count * dtype.itemsize}")
+        self.array = np.frombuffer(bytes(data), dtype=dtype, count=count).reshape(shape, order=order).copy(
+            order=order)
+
+
+def _resolve_pending(value: Any) -> Any:
+    """Replace every built _PendingArray by its array (refusing unbuilt ones)."""
+    if isinstance(value, _PendingArray):
+        if value.array is None:
+            raise CheckpointError("pickled array has no data (it was never filled from the file)")
+        return value.array
+    return value
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
@@ -250,24 +462,49 @@ class _RestrictedUnpickler(pickle.Unpickler):
         self._max_bytes = max_bytes
 
     def find_class(self, module: str, name: str) -> Any:
-        if name == "_reconstruct" and (module, name) in _SAFE_GLOBALS:
-            return self._reconstruct
-        if (module, name) in _SAFE_GLOBALS or (module.startswith("numpy.dtypes") and name.endswith("DType")):
+        if (module, name) in _SAFE_GLOBALS:
+            if name == "_reconstruct":
+                return self._reconstruct
+            if name == "scalar":
+                return self._scalar
+            if name == "_frombuffer":
+                return self._frombuffer
+            return super().find_class(module, name)
+        if (module, name) == ("numpy", "ndarray"):
+            return _NDARRAY_TOKEN   # only ever an argument of _reconstruct, never called
+        if module.startswith("numpy.dtypes") and name.endswith("DType"):
             return super().find_class(module, name)
         raise CheckpointError(f"refusing to unpickle {module}.{name}: only numpy arrays are allowed in a weights .npy")
 
     def persistent_load(self, pid: Any) -> Any:
         raise CheckpointError("refusing a pickle with persistent references in a weights .npy")
 
-    def _reconstruct(self, cls: Any, shape: Any, dtype: Any) -> np.ndarray:
-        # numpy pickles call this with shape (0,) and fill the data in later; a bigger shape
-        # would only make us allocate memory the file cannot back.
-        if cls is not np.ndarray:
+    @staticmethod
+    def _reconstruct(cls: Any, shape: Any, dtype: Any) -> _PendingArray:
+        # numpy pickles call this with shape (0,) and fill in shape, dtype and data by BUILD.
+        if cls is not _NDARRAY_TOKEN:
             raise CheckpointError("refusing to rebuild an ndarray subclass from a weights .npy")
-        count = numel(tuple(int(d) for d in shape))
-        if count > self._max_bytes:
-            raise CheckpointError(f"pickled array claims {count} elements, more than the file could hold")
-        return np.ndarray(tuple(shape), dtype=dtype)
+        return _PendingArray()
+
+    @staticmethod
+    def _scalar(dtype: Any, data: Any = None) -> Any:
+        if not isinstance(dtype, np.dtype) or dtype.hasobject:
+            raise CheckpointError("pickled scalar is not a plain numpy number")
+        if isinstance(data, str):
+            data = data.encode("latin1")
+        if not isinstance(data, (bytes, bytearray)) or len(data) != dtype.itemsize:
+            raise CheckpointError(f"pickled {dtype} scalar does not come with {dtype.itemsize} bytes")
+        return np.frombuffer(bytes(data), dtype=dtype, count=1)[0]
+
+    @staticmethod
+    def _frombuffer(buffer: Any, dtype: Any, shape: Any, order: Any) -> np.ndarray:
+        if not isinstance(dtype, np.dtype) or dtype.hasobject or not isinstance(shape, tuple) \
+                or not all(type(d) is int and d >= 0 for d in shape):
+            raise CheckpointError("pickled buffer array has a malformed shape or dtype")
+        data = bytes(buffer)
+        if len(data) != numel(shape) * dtype.itemsize:
+            raise CheckpointError(f"pickled buffer array of shape {shape} comes with {len(data)} bytes")
+        return np.frombuffer(data, dtype=dtype).reshape(shape, order="F" if order == "F" else "C").copy()
 
 
 class _BoundedFile(io.RawIOBase):
@@ -298,16 +535,78 @@ class _BoundedFile(io.RawIOBase):
         return self._handle.readline(remaining if size is None or size < 0 else min(size, remaining))
 
 
-def _read_npy_header(handle: BinaryIO) -> tuple[tuple[int, ...], np.dtype]:
-    version = np.lib.format.read_magic(handle)
+_ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, NotImplementedError, RuntimeError, ValueError, SyntaxError,
+               OSError, EOFError, TypeError, struct.error, OverflowError, MemoryError, tokenize.TokenError)
+
+
+_MAX_NPY_HEADER = 1 << 20   # numpy's own limit for safe header parsing is 10 KB; be generous
+
+
+def _read_npy_header_full(handle: BinaryIO) -> tuple[tuple[int, ...], np.dtype, bool]:
+    """Parse a .npy header: (shape, dtype, fortran order). The header's length field is checked
+    before anything is read by it (numpy would try to read a lying 4 GB length in one call)."""
+    head = handle.read(8)
+    if len(head) < 8 or head[:6] != b"\x93NUMPY":
+        raise ValueError("no .npy magic")
+    version = (head[6], head[7])
+    if version not in ((1, 0), (2, 0), (3, 0)):
+        raise ValueError(f"unknown .npy format version {version[0]}.{version[1]}")
+    width = 2 if version == (1, 0) else 4
+    length_bytes = handle.read(width)
+    if len(length_bytes) < width:
+        raise ValueError("truncated .npy header")
+    length = int.from_bytes(length_bytes, "little")
+    if length > _MAX_NPY_HEADER:
+        raise ValueError(f".npy header claims {length} bytes")
+    body = handle.read(length)
+    if len(body) < length:
+        raise ValueError(f".npy header claims {length} bytes, the file holds {len(body)}")
+    stream = io.BytesIO(head + length_bytes + body)
+    stream.seek(8)
     if version == (1, 0):
-        shape, _, dtype = np.lib.format.read_array_header_1_0(handle)
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(stream)
     else:
-        shape, _, dtype = np.lib.format.read_array_header_2_0(handle)
-    return tuple(shape), dtype
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(stream)
+    return tuple(shape), dtype, bool(fortran)
+
+
+def _check_zip_layout(archive: zipfile.ZipFile, path: Path) -> None:
+    """Cross-check the central directory against the local headers: members must tile the file
+    from its first byte to the central directory, so an entry dropped from a damaged central
+    directory shows up as bytes nobody accounts for instead of silently vanishing."""
+    members = sorted(archive.infolist(), key=lambda m: m.header_offset)
+    handle = archive.fp
+    position = 0
+    for member in members:
+        if member.header_offset != position:
+            raise CheckpointError(f"{path}: damaged zip central directory: bytes {position}..{member.header_offset} "
+                                  "belong to no listed member (an entry may have been dropped)")
+        handle.seek(member.header_offset)
+        local = handle.read(30)
+        if len(local) < 30 or local[:4] != b"PK\x03\x04":
+            raise CheckpointError(f"{path}: damaged zip: no local header for {member.filename}")
+        name_length, extra_length = struct.unpack("<2H", local[26:30])
+        position = member.header_offset + 30 + name_length + extra_length + member.compress_size
+        if member.flag_bits & 0x08:   # a data descriptor follows the data
+            handle.seek(position)
+            descriptor = handle.read(4)
+            position += (4 if descriptor == b"PK\x07\x08" else 0) + \
+                (20 if member.file_size >= 0xFFFFFFFF or member.compress_size >= 0xFFFFFFFF else 12)
+    if position != archive.start_dir:
+        raise CheckpointError(f"{path}: damaged zip central directory: bytes {position}..{archive.start_dir} "
+                              "belong to no listed member (an entry may have been dropped)")
+
+
+def _read_npy_header(handle: BinaryIO) -> tuple[tuple[int, ...], np.dtype]:
+    shape, dtype, _ = _read_npy_header_full(handle)
+    return shape, dtype
 
 
 def _flatten(prefix: str, value: Any, out: dict[str, np.ndarray], path: Path) -> None:
+    try:
+        value = _resolve_pending(value)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path}: {prefix!r}: {exc}") from None
     if isinstance(value, Mapping):
         for key, item in value.items():
             key = key.decode("utf-8", "backslashreplace") if isinstance(key, bytes) else str(key)
@@ -373,7 +672,7 @@ class NumpyReader(CheckpointReader):
         with open(path, "rb") as handle:
             try:
                 shape, dtype = _read_npy_header(handle)
-            except (ValueError, SyntaxError, OSError) as exc:
+            except (ValueError, SyntaxError, OSError, tokenize.TokenError) as exc:
                 raise CheckpointError(f"{path}: not a valid .npy file ({exc})") from None
             if dtype.kind != "O" or shape != ():
                 raise CheckpointError(
@@ -381,6 +680,13 @@ class NumpyReader(CheckpointReader):
                     f"of named arrays (np.save(path, {{name: array}}))"
                 )
             try:
+                # First walk the opcodes: every length inside the pickle is checked against the
+                # bytes that follow it. The C unpickler allocates a BINBYTES8's claimed size
+                # before reading it (a 1 KB file made it allocate 330 MB, then fail).
+                start = handle.tell()
+                for _ in pickletools.genops(_BoundedFile(handle, file_size)):
+                    pass
+                handle.seek(start)
                 bounded = _BoundedFile(handle, file_size)
                 # The C unpickler allocates a counted opcode's claimed length before reading it (a
                 # BINBYTES claiming 4 GiB allocated 4 GiB); pickletools reads only what the file
@@ -395,6 +701,10 @@ class NumpyReader(CheckpointReader):
                 raise CheckpointError(f"{path}: {exc}") from None
             except Exception as exc:  # any malformed pickle: truncated, bad opcode, bad reduce args
                 raise CheckpointError(f"{path}: corrupt pickled dict ({type(exc).__name__}: {exc})") from None
+        try:
+            obj = _resolve_pending(obj)
+        except CheckpointError as exc:
+            raise CheckpointError(f"{path}: {exc}") from None
         if isinstance(obj, np.ndarray) and obj.shape == ():
             obj = obj.item()
         if not isinstance(obj, Mapping):
@@ -404,45 +714,76 @@ class NumpyReader(CheckpointReader):
 
     def _open_npz(self, path: Path) -> dict[str, TensorInfo]:
         infos = {}
+        self._members: dict[str, tuple[zipfile.ZipInfo, bool]] = {}
         try:
-            with zipfile.ZipFile(path) as archive:
-                members = archive.infolist()
-                headers = []
-                for member in members:
-                    if not member.filename.endswith(".npy"):
-                        raise CheckpointError(f"{path}: zip member {member.filename} is not a .npy array")
-                    with archive.open(member) as stream:
-                        headers.append((member.filename[: -len(".npy")], *_read_npy_header(stream)))
-            for (name, shape, dtype), member in zip(headers, members):
+            archive = zipfile.ZipFile(path)
+        except _ZIP_ERRORS as exc:
+            raise CheckpointError(f"{path}: not a valid .npz archive ({exc})") from None
+        try:
+            members = archive.infolist()
+            _check_zip_layout(archive, path)
+            for member in members:
+                if not member.filename.endswith(".npy"):
+                    raise CheckpointError(f"{path}: zip member {member.filename} is not a .npy array")
+                name = member.filename[: -len(".npy")]
+                with archive.open(member) as stream:
+                    shape, dtype, fortran = _read_npy_header_full(stream)
                 # numpy allocates the whole array before reading a member, so the declared shape
                 # must be backed by the member's size, itself bounded by deflate's ~1032x ratio.
                 ratio_bound = member.compress_size if member.compress_type == zipfile.ZIP_STORED \
-                    else 1032 * member.compress_size + 4096
+                    else _MAX_DEFLATE_RATIO * member.compress_size + 4096
                 if numel(shape) * dtype.itemsize > min(member.file_size, ratio_bound):
                     raise CheckpointError(f"{path}: {name} declares more data than its archive member holds")
                 if dtype.kind == "O":
                     raise CheckpointError(
                         f"{path}: {name} is a pickled object array; .npz weights must be plain arrays")
-                if _numpy_dtype_name(dtype) is None:
-                    raise CheckpointError(f"{path}: {name} has numpy dtype {dtype}, which is not supported")
                 dtype_name = _numpy_dtype_name(dtype)
-                size = numel(shape) * dtype.itemsize
-                infos[name] = TensorInfo(tuple(shape), dtype_name, size)
-            self._npz = np.load(path, allow_pickle=False)
+                if dtype_name is None:
+                    raise CheckpointError(f"{path}: {name} has numpy dtype {dtype}, which is not supported")
+                infos[name] = TensorInfo(tuple(shape), dtype_name, numel(shape) * dtype.itemsize)
+                self._members[name] = (member, fortran)
         except CheckpointError:
+            archive.close()
             raise
-        except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
-            raise CheckpointError(f"{path}: not a valid .npz archive ({exc})") from None
+        except _ZIP_ERRORS as exc:
+            archive.close()
+            raise CheckpointError(f"{path}: not a valid .npz archive ({type(exc).__name__}: "
+                                  f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''})") from None
+        self._npz = archive
         return infos
 
     def _read_raw(self, name: str) -> np.ndarray:
         if self._npz is None:
             # The dict was unpickled whole; hand out the array itself rather than hold it twice.
             return self._arrays[name]
+        member, fortran = self._members[name]
+        info = self._infos[name]
         try:
-            array = self._npz[name]
-        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
-            raise CheckpointError(f"{self.path}: cannot read {name} ({exc})") from None
+            with self._npz.open(member) as stream:
+                shape, dtype, _ = _read_npy_header_full(stream)
+                stored = tuple(reversed(shape)) if fortran else tuple(shape)
+                array = empty_array(stored, dtype)
+                target = memoryview(array.reshape(-1).view(np.uint8))
+                got = 0
+                while got < len(target):
+                    count = stream.readinto(target[got:])
+                    if not count:
+                        break
+                    got += count
+                # Reading to the member's end is what makes zipfile compare its CRC-32.
+                if got != len(target) or stream.read(1):
+                    raise CheckpointError(f"{self.path}: {name} holds {'less' if got < len(target) else 'more'} "
+                                          f"data than its header declares")
+        except CheckpointError:
+            raise
+        except _ZIP_ERRORS as exc:
+            raise CheckpointError(f"{self.path}: cannot read {name} ({type(exc).__name__}: {exc})") from None
+        if fortran:
+            array = array.T
+        if tuple(array.shape) != info.shape:
+            raise CheckpointError(f"{self.path}: {name} changed shape between reads")
+        if not array.flags.c_contiguous:
+            array = array.copy(order="C")   # (np.ascontiguousarray would make a 0-d array 1-d)
         return _as_plain_array(array, name, self.path)
 
     def close(self) -> None:
@@ -450,6 +791,7 @@ class NumpyReader(CheckpointReader):
         if self._npz is not None:
             self._npz.close()
             self._npz = None
+        self._members = {}
         self._arrays = {}
         super().close()
 

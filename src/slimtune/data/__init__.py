@@ -31,21 +31,10 @@ def available_splits(dataset_name: Optional[str], dataset_dir: Optional[str]) ->
         with np.load(dataset_dir, allow_pickle=False) as arrays:
             return sorted(k[: -len("_images")] for k in arrays.files if k.endswith("_images")) or ["all"]
     if dataset_dir:
+        from .sources import detect_source
         root = Path(dataset_dir)
-        from .convert import detect_source
-        kind = detect_source(root)
-        if kind == "voc":
-            return ["train", "val", "trainval", "test"]
-        if kind == "tfrecord":
-            from .slim_datasets import dataset_spec
-            return list(dataset_spec(None, root).splits)
-        if kind == "folder":
-            return [p.name for p in sorted(root.iterdir()) if p.is_dir() and _is_split_dir(p)] or ["all"]
+        return detect_source(root).splits(root)
     return []
-
-
-def _is_split_dir(path: Path) -> bool:
-    return path.name in ("train", "test", "val", "validation", "trainval", "eval")
 
 
 def resolve_split(dataset_name: Optional[str], dataset_dir: Optional[str], split: str) -> str:
@@ -93,20 +82,12 @@ def build_source(dataset_name: Optional[str] = None, dataset_dir: Optional[str] 
     if root.suffix == ".npz" and root.is_file():
         from .arrays import load_npz_source
         return load_npz_source(root, split)
-    from .convert import detect_source
-    kind = "voc" if dataset_name == "voc" else detect_source(root)
-    if kind == "voc":
-        from .voc import VOCSource
-        return VOCSource(root, split)
-    if kind == "manifest":
+    from .sources import detect_source, get_source_kind
+    kind = get_source_kind("voc") if dataset_name == "voc" else detect_source(root)
+    if kind.name == "manifest":
         from .manifest import ManifestSource
         return ManifestSource(root, multi_label=multi_label)
-    if kind == "tfrecord":
-        from .convert import open_converted
-        return open_converted(root, split)
-    from .folder import ImageFolderSource, split_folder_root
-    return ImageFolderSource(split_folder_root(root, split))
-
+    return kind.open(root, split)
 
 __all__ = ["IGNORE", "ImageSource", "StreamSource", "available_splits", "build_source", "read_labels_file",
            "resolve_split", "write_labels_file"]

@@ -30,10 +30,10 @@ import math
 import os
 import re
 import sys
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 from PIL import Image
@@ -46,12 +46,11 @@ from .labels import LABELS_FILENAME, labels_to_names, read_labels_file, write_la
 from .slim_datasets import (DATASET_SPEC_FILENAME, KEY_ENCODED, KEY_FILENAME, KEY_FORMAT, KEY_HEIGHT,
                             KEY_IGNORE, KEY_LABEL, KEY_WIDTH, DatasetSpec, TFRecordSource, get_split,
                             read_dataset_spec, write_dataset_spec)
-from .manifest import MANIFEST_FILE_SUFFIXES
+from .sources import SourceKind, detect_source
 from .tfrecord import TFRecordWriter, encode_example
 
 logger = logging.getLogger(__name__)
 
-SourceKind = Literal["folder", "voc", "manifest", "tfrecord"]
 BAD_IMAGE_POLICIES = ("skip", "fail")
 # 'auto': images that were lossy already (JPEG, WebP) are re-encoded as JPEG quality 95 (fast,
 # small; slim's ImageNet converter does the same for its CMYK JPEGs), everything else as PNG.
@@ -229,6 +228,62 @@ def _encoded_sample(source: ImageSource, index: int, reencode_format: str, verif
         return payload, target, description, error
 
 
+def _check_options(source: ImageSource, name: str, split: str, num_shards: int, on_bad_image: str,
+                   reencode_format: str) -> int:
+    """Refuse options no writer accepts; the number of images to convert."""
+    if not _NAME_OK.match(name) or not _NAME_OK.match(split):
+        raise ConfigError(f"dataset name {name!r} and split {split!r} must be letters, digits, '.', "
+                          "'_' or '-' (they become file names)")
+    if num_shards < 1:
+        raise ConfigError(f"num_shards must be >= 1, got {num_shards}")
+    if on_bad_image not in BAD_IMAGE_POLICIES:
+        raise ConfigError(f"on_bad_image must be one of {', '.join(BAD_IMAGE_POLICIES)}, got {on_bad_image!r}")
+    if reencode_format not in REENCODE_FORMATS:
+        raise ConfigError(f"reencode_format must be one of {', '.join(REENCODE_FORMATS)}, got {reencode_format!r}")
+    if len(source) == 0:
+        raise DataError("the source holds no images; nothing to convert")
+    return len(source)
+
+
+class _Encoder:
+    """Reads and encodes samples on a thread pool (PIL releases the GIL), in the order asked,
+    skipping and counting bad images (or raising with on_bad_image='fail'); shared by both writers."""
+
+    def __init__(self, source: ImageSource, reencode_format: str, verify: bool, on_bad_image: str,
+                 report: ConversionReport, num_threads: int | None, progress: bool) -> None:
+        self.source, self.reencode_format, self.verify = source, reencode_format, verify
+        self.on_bad_image, self.report = on_bad_image, report
+        self.threads = num_threads or min(8, (os.cpu_count() or 1) + 1)
+        self.bar = tqdm(total=len(source), desc=f"converting {report.name}/{report.split}", unit="img",
+                        disable=not progress)
+        self.pool = ThreadPoolExecutor(max_workers=self.threads)
+
+    def encode(self, indices: list[int]) -> Iterator[tuple[int, Payload, Target, EncodedImage]]:
+        """(index, payload, target, encoded image) for each good sample of `indices`, in order."""
+        # Bounded batches keep memory flat; map() keeps the record order deterministic.
+        for batch_start in range(0, len(indices), 4 * self.threads):
+            batch = indices[batch_start:batch_start + 4 * self.threads]
+            encoded = self.pool.map(
+                lambda i: _encoded_sample(self.source, i, self.reencode_format, self.verify), batch)
+            for index, (payload, target, description, image) in zip(batch, encoded):
+                self.bar.update(1)
+                if isinstance(image, BadImageError):
+                    if self.on_bad_image == "fail":
+                        raise image
+                    self.report.skipped.append((description, str(image)))
+                    continue
+                self.report.num_written += 1
+                self.report.num_reencoded += image.reencoded
+                yield index, payload, target, image
+
+    def __enter__(self) -> _Encoder:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.bar.close()
+
+
 def convert_to_tfrecord(source: ImageSource, out_dir: str | os.PathLike, name: str, num_shards: int = 5,
                         split: str = "train", *, shuffle: bool = True, seed: int = 0,
                         reencode_format: str = "auto", on_bad_image: str = "skip",
@@ -241,59 +296,30 @@ def convert_to_tfrecord(source: ImageSource, out_dir: str | os.PathLike, name: s
     num_threads: images are verified/re-encoded on a thread pool (PIL releases the GIL);
     the output does not depend on it.
     """
-    if not _NAME_OK.match(name) or not _NAME_OK.match(split):
-        raise ConfigError(f"dataset name {name!r} and split {split!r} must be letters, digits, '.', "
-                          "'_' or '-' (they become file names)")
-    if num_shards < 1:
-        raise ConfigError(f"num_shards must be >= 1, got {num_shards}")
-    if on_bad_image not in BAD_IMAGE_POLICIES:
-        raise ConfigError(f"on_bad_image must be one of {', '.join(BAD_IMAGE_POLICIES)}, got {on_bad_image!r}")
-    if reencode_format not in REENCODE_FORMATS:
-        raise ConfigError(f"reencode_format must be one of {', '.join(REENCODE_FORMATS)}, got {reencode_format!r}")
-    total = len(source)
-    if total == 0:
-        raise DataError("the source holds no images; nothing to convert")
+    total = _check_options(source, name, split, num_shards, on_bad_image, reencode_format)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     splits = _check_existing(out_dir, name, source)
 
     order = np.random.default_rng(seed).permutation(total) if shuffle else np.arange(total)
     per_shard = math.ceil(total / num_shards)
-    threads = num_threads or min(8, (os.cpu_count() or 1) + 1)
     report = ConversionReport(out_dir, name, split, [], 0, 0)
-    bar = tqdm(total=total, desc=f"converting {name}/{split}", unit="img", disable=not progress)
-    pool = ThreadPoolExecutor(max_workers=threads)
-    try:
+    with _Encoder(source, reencode_format, verify_images, on_bad_image, report, num_threads, progress) as encoder:
         for shard_index in range(num_shards):
             path = out_dir / shard_filename(name, split, shard_index, num_shards)
             indices = [int(i) for i in order[shard_index * per_shard:(shard_index + 1) * per_shard]]
             with TFRecordWriter(path) as writer:
-                # Bounded batches keep memory flat; map() keeps the record order deterministic.
-                for batch_start in range(0, len(indices), 4 * threads):
-                    batch = indices[batch_start:batch_start + 4 * threads]
-                    encoded = pool.map(lambda i: _encoded_sample(source, i, reencode_format, verify_images), batch)
-                    for index, (payload, target, description, image) in zip(batch, encoded):
-                        bar.update(1)
-                        if isinstance(image, BadImageError):
-                            if on_bad_image == "fail":
-                                raise image
-                            report.skipped.append((description, str(image)))
-                            continue
-                        features: dict[str, object] = {
-                            KEY_ENCODED: image.data,
-                            KEY_FORMAT: image.format.encode(),
-                            **label_features(target, source.multi_label, source.num_classes),
-                            KEY_HEIGHT: image.height,
-                            KEY_WIDTH: image.width,
-                            KEY_FILENAME: _filename(payload, source, index).encode("utf-8"),
-                        }
-                        writer.write(encode_example(features))
-                        report.num_written += 1
-                        report.num_reencoded += image.reencoded
+                for index, payload, target, image in encoder.encode(indices):
+                    features: dict[str, object] = {
+                        KEY_ENCODED: image.data,
+                        KEY_FORMAT: image.format.encode(),
+                        **label_features(target, source.multi_label, source.num_classes),
+                        KEY_HEIGHT: image.height,
+                        KEY_WIDTH: image.width,
+                        KEY_FILENAME: _filename(payload, source, index).encode("utf-8"),
+                    }
+                    writer.write(encode_example(features))
             report.shards.append(path)
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-        bar.close()
 
     report.removed_stale = _remove_stale_shards(out_dir, name, split, set(report.shards))
     report.labels_path = write_labels_file(out_dir / LABELS_FILENAME, list(source.class_names))
@@ -304,6 +330,65 @@ def convert_to_tfrecord(source: ImageSource, out_dir: str | os.PathLike, name: s
     previous = _read_skipped(out_dir)
     previous[split] = len(report.skipped)
     report.spec_path = write_dataset_spec(out_dir, spec, {"skipped_unreadable": previous})
+    if report.skipped:
+        logger.warning("%s", report.summary())
+    return report
+
+
+def convert_to_webdataset(source: ImageSource, out_dir: str | os.PathLike, name: str, num_shards: int = 5,
+                          split: str = "train", *, shuffle: bool = True, seed: int = 0,
+                          reencode_format: str = "auto", on_bad_image: str = "skip",
+                          verify_images: bool = True, num_threads: int | None = None,
+                          progress: bool = True) -> ConversionReport:
+    """Write one split of `source` as WebDataset tar shards (`slimtune.data.webdataset` reads them).
+
+    The same images, order and skip rules as `convert_to_tfrecord` (same seed, same shards);
+    each sample is <key>.<jpg|png> with <key>.cls (class index) or, multi-label, <key>.json
+    ({"labels": [...], "ignore": [...]}), written by the `webdataset` library's TarWriter.
+    """
+    from webdataset import TarWriter
+
+    from .webdataset import read_existing_splits, shard_name, write_webdataset_spec
+
+    total = _check_options(source, name, split, num_shards, on_bad_image, reencode_format)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    splits = read_existing_splits(out_dir, name, source.num_classes, source.multi_label)
+    labels_path = out_dir / LABELS_FILENAME
+    if labels_path.is_file() and labels_to_names(read_labels_file(labels_path)) != list(source.class_names):
+        raise DataError(f"{labels_path} lists other class names than this source; every split of "
+                        "a dataset must share one class order. Use another output directory")
+    order = np.random.default_rng(seed).permutation(total) if shuffle else np.arange(total)
+    per_shard = math.ceil(total / num_shards)
+    report = ConversionReport(out_dir, name, split, [], 0, 0)
+    with _Encoder(source, reencode_format, verify_images, on_bad_image, report, num_threads, progress) as encoder:
+        for shard_index in range(num_shards):
+            path = out_dir / shard_name(name, split, shard_index)
+            tmp = path.with_name(path.name + ".tmp")
+            indices = [int(i) for i in order[shard_index * per_shard:(shard_index + 1) * per_shard]]
+            # mtime fixed: the same data make byte-identical shards.
+            with open(tmp, "wb") as stream, TarWriter(stream, mtime=0.0) as writer:
+                for index, payload, target, image in encoder.encode(indices):
+                    sample: dict[str, object] = {"__key__": f"{index:09d}",
+                                                 "jpg" if image.format == "jpeg" else "png": image.data}
+                    if source.multi_label:
+                        vector = np.asarray(target, dtype=np.float32).reshape(-1)
+                        sample["json"] = json.dumps({
+                            "labels": np.flatnonzero(vector == 1.0).tolist(),
+                            "ignore": np.flatnonzero(vector == -1.0).tolist(),
+                            "filename": _filename(payload, source, index)}).encode()
+                    else:
+                        sample["cls"] = str(int(target)).encode()
+                    writer.write(sample)
+            os.replace(tmp, path)
+            report.shards.append(path)
+    stale = set(out_dir.glob(f"{name}-{split}-*.tar")) - set(report.shards)
+    for path in sorted(stale):
+        path.unlink()
+    report.removed_stale = sorted(stale)
+    report.labels_path = write_labels_file(labels_path, list(source.class_names))
+    splits[split] = report.num_written
+    report.spec_path = write_webdataset_spec(out_dir, name, splits, source.num_classes, source.multi_label)
     if report.skipped:
         logger.warning("%s", report.summary())
     return report
@@ -330,46 +415,6 @@ def _remove_stale_shards(out_dir: Path, name: str, split: str, keep: set[Path]) 
     return removed
 
 
-# --------------------------------------------------------------------------------------------
-# Telling sources apart
-# --------------------------------------------------------------------------------------------
-
-MANIFEST_SUFFIXES = (".csv", ".tsv", ".jsonl", ".ndjson", ".json", ".txt")
-_TFRECORD_NAME = re.compile(r"(\.tfrecords?$|\.record(-|$)|-of-\d+)")
-
-
-def detect_source(path: str | os.PathLike) -> SourceKind:
-    """Say what a dataset path holds: 'voc', 'tfrecord' (shards), 'folder' (class sub-folders)
-    or 'manifest' (a CSV / JSON-lines file). Raises DataError when it is none of these."""
-    from .folder import IMAGE_EXTENSIONS
-    from .voc import is_voc_root
-
-    path = Path(path)
-    if path.is_file():
-        if _TFRECORD_NAME.search(path.name):
-            return "tfrecord"
-        if path.suffix.lower() in MANIFEST_SUFFIXES:
-            return "manifest"
-        raise DataError(f"{path} is a file but neither a manifest ({', '.join(MANIFEST_SUFFIXES)}) "
-                        "nor a TFRecord shard")
-    if not path.is_dir():
-        raise DataError(f"dataset path {path} does not exist")
-    if is_voc_root(path):
-        return "voc"
-    files = [child for child in path.iterdir() if child.is_file()]
-    if any(child.name == DATASET_SPEC_FILENAME or _TFRECORD_NAME.search(child.name) for child in files):
-        return "tfrecord"
-    for child in sorted(path.iterdir()):
-        if child.is_dir() and not child.name.startswith("."):
-            if any(p.suffix.lower() in IMAGE_EXTENSIONS for p in child.rglob("*")):
-                return "folder"
-    manifests = [child for child in files if child.suffix.lower() in MANIFEST_FILE_SUFFIXES]
-    if len(manifests) == 1:
-        return "manifest"
-    raise DataError(f"cannot tell what {path} holds: expected class sub-folders with images, a "
-                    "VOCdevkit/VOC2007 tree, TFRecord shards, or a manifest file (.csv/.jsonl)")
-
-
 def open_converted(dataset_dir: str | os.PathLike, split: str) -> TFRecordSource:
     """Open one split of a directory written by `convert_to_tfrecord` (reads its spec JSON)."""
     return get_split(None, split, dataset_dir)
@@ -377,56 +422,36 @@ def open_converted(dataset_dir: str | os.PathLike, split: str) -> TFRecordSource
 
 def _split_sources(path: Path, kind: SourceKind, splits: list[str] | None, validation_fraction: float,
                    seed: int) -> dict[str, ImageSource]:
-    """The splits of a folder, VOC devkit or manifest to convert, by name."""
+    """The splits of a folder, VOC devkit or manifest to convert, by name; one source without
+    splits of its own is divided by `validation_fraction` when asked."""
     from .base import holdout_split
-    from .folder import ImageFolderSource
 
-    if kind == "voc":
-        from .voc import VOCSource
-
-        wanted = splits or ["trainval", "test"]
-        found = {}
-        for split in wanted:
-            try:
-                found[split] = VOCSource(path, split)
-            except DataError:
-                if splits:  # asked for explicitly: say what is wrong
-                    raise
-        if not found:
-            raise DataError(f"{path}: no VOC split among {', '.join(wanted)} could be read")
-        return found
-    if kind == "manifest":
-        from .manifest import ManifestSource
-
-        source: ImageSource = ManifestSource(path)
-    else:
-        split_dirs = [p for p in sorted(path.iterdir()) if p.is_dir() and p.name in
-                      ("train", "validation", "val", "test", "trainval")]
-        if split_dirs:
-            chosen = [d for d in split_dirs if not splits or d.name in splits]
-            return {d.name: ImageFolderSource(d) for d in chosen}
-        source = ImageFolderSource(path)
-    if validation_fraction > 0:
-        train, validation = holdout_split(source, validation_fraction, seed)
+    found = kind.convertible(path, splits)
+    if validation_fraction > 0 and len(found) == 1:
+        train, validation = holdout_split(next(iter(found.values())), validation_fraction, seed)
         return {"train": train, "validation": validation}
-    return {(splits or ["train"])[0]: source}
+    return found
 
 
 def convert_command(source_path: str | os.PathLike, out_dir: str | os.PathLike, *, name: str | None = None,
                     num_shards: int = 5, splits: str | None = None, validation_fraction: float = 0.0,
-                    seed: int = 0) -> Path:
-    """`slimtune data convert`: every split of a folder / VOC / manifest to TFRecord shards."""
+                    seed: int = 0, output_format: str = "tfrecord") -> Path:
+    """`slimtune data convert`: every split of a folder / VOC / manifest to TFRecord (slim's) or
+    WebDataset shards."""
+    writers = {"tfrecord": convert_to_tfrecord, "webdataset": convert_to_webdataset}
+    if output_format not in writers:
+        raise ConfigError(f"--format must be one of {', '.join(writers)}, got {output_format!r}")
     path = Path(source_path).expanduser()
     if not path.exists():
         raise DataError(f"{path} does not exist")
     kind = detect_source(path)
-    if kind == "tfrecord":
-        raise DataError(f"{path} already holds TFRecord shards; nothing to convert")
+    if kind.convertible is None:
+        raise DataError(f"{path} already holds {kind.description}; nothing to convert")
     if not 0.0 <= validation_fraction < 1.0:
         raise DataError("--validation_fraction must be in [0, 1)")
     wanted = [s.strip() for s in splits.split(",") if s.strip()] if splits else None
-    dataset_name = name or (path.stem if kind == "manifest" else path.resolve().name).lower() or "dataset"
+    dataset_name = name or (path.stem if path.is_file() else path.resolve().name).lower() or "dataset"
     for split, source in _split_sources(path, kind, wanted, validation_fraction, seed).items():
-        report = convert_to_tfrecord(source, out_dir, dataset_name, num_shards=num_shards, split=split, seed=seed)
+        report = writers[output_format](source, out_dir, dataset_name, num_shards=num_shards, split=split, seed=seed)
         print(report.summary(), file=sys.stderr)
     return Path(out_dir)

@@ -18,7 +18,8 @@ Two entry points:
 from __future__ import annotations
 
 import io
-import math
+import os
+import warnings
 from pathlib import Path
 from typing import Any, NamedTuple, Optional
 
@@ -37,19 +38,91 @@ _DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError
 class BadImageError(DataError):
     """An image could not be decoded (corrupt, truncated, missing or not an image)."""
 
+    def __init__(self, message: object = "") -> None:
+        # A DataLoader worker's error is re-raised in the main process as this class built from
+        # "Caught BadImageError in DataLoader worker process 0.\nOriginal Traceback ...": keep
+        # only the original one-line message (the file and the reason), not the worker's traceback.
+        text = str(message)
+        if text.startswith("Caught BadImageError") and "Traceback" in text:
+            last = [line for line in text.strip().splitlines() if line.strip()][-1]
+            text = last.split("BadImageError: ", 1)[-1]
+        super().__init__(text)
+
+
+# Images with more pixels are refused from their header, before any decode allocates for them
+# (a 12000x12000 PNG is 430 MB of RGB, per decode, per worker). Pillow warns at ~89 M pixels and
+# refuses at twice that; 50 M still admits a 48-megapixel phone photo. Set by --max_image_pixels,
+# through the environment so that spawned loader workers see it too.
+DEFAULT_MAX_IMAGE_PIXELS = 50_000_000
+MAX_IMAGE_PIXELS_ENV = "SLIMTUNE_MAX_IMAGE_PIXELS"
+
+
+def max_image_pixels() -> int:
+    """The pixel limit in force (the environment's, else DEFAULT_MAX_IMAGE_PIXELS)."""
+    value = os.environ.get(MAX_IMAGE_PIXELS_ENV, "")
+    return int(value) if value.isascii() and value.isdigit() and int(value) > 0 else DEFAULT_MAX_IMAGE_PIXELS
+
+
+def set_max_image_pixels(limit: int) -> None:
+    """Set the pixel limit for this process and the loader workers it starts."""
+    if type(limit) is not int or limit < 1:
+        raise DataError(f"--max_image_pixels must be a positive integer, got {limit!r}")
+    os.environ[MAX_IMAGE_PIXELS_ENV] = str(limit)
+
+
+def _check_pixels(width: int, height: int, name: str) -> None:
+    limit = max_image_pixels()
+    if width * height > limit:
+        raise BadImageError(f"{name}: {width}x{height} image ({width * height} pixels) is over the limit of "
+                            f"{limit} pixels (--max_image_pixels)")
+
+
+class UnreadablePayload:
+    """Stands in for the image of a record that could not be read (a TFRecord feature of the
+    wrong kind, a malformed Example): decoding it raises BadImageError with the reason, so a
+    training loader skips and counts it like any corrupt image."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def __repr__(self) -> str:
+        return f"UnreadablePayload({self.reason!r})"
+
 
 def _bad_image(payload: Any, description: str, error: BaseException) -> BadImageError:
     """The BadImageError for a failed read, open or decode, naming the image."""
     if isinstance(error, FileNotFoundError):
         return BadImageError(f"{description or payload}: file not found")
-    name = description or ("image bytes" if isinstance(payload, (bytes, bytearray, memoryview)) else str(payload))
+    name = description or _payload_name(payload)
+    if _is_empty(payload):
+        return BadImageError(f"{name}: empty file")
     return BadImageError(f"{name}: cannot decode image ({error})")
 
 
-def _open(payload: bytes | str | Path) -> Image.Image:
+def _is_empty(payload: Any) -> bool:
+    """True for an empty payload or a 0-byte file (worth saying plainly: a failed copy)."""
     if isinstance(payload, (bytes, bytearray, memoryview)):
-        return Image.open(io.BytesIO(bytes(payload)))
-    return Image.open(payload)
+        return len(payload) == 0
+    try:
+        return isinstance(payload, (str, Path)) and os.path.getsize(payload) == 0
+    except OSError:
+        return False
+
+
+def _payload_name(payload: Any) -> str:
+    return "image bytes" if isinstance(payload, (bytes, bytearray, memoryview)) else str(payload)
+
+
+def _open(payload: bytes | str | Path) -> Image.Image:
+    # Our own pixel limit (below Pillow's) refuses big images right after this; Pillow's warning
+    # about them would only be noise.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        if isinstance(payload, (bytes, bytearray, memoryview)):
+            return Image.open(io.BytesIO(bytes(payload)))
+        return Image.open(payload)
 
 
 def decode_image(payload: Payload, channels: int = 3, draft_size: tuple[int, int] | None = None,
@@ -63,8 +136,11 @@ def decode_image(payload: Payload, channels: int = 3, draft_size: tuple[int, int
     """
     if isinstance(payload, np.ndarray):
         return _array_to_channels(payload, channels, description)
+    if isinstance(payload, UnreadablePayload):
+        raise BadImageError(payload.reason)
     try:
         with _open(payload) as image:
+            _check_pixels(*image.size, description or _payload_name(payload))
             if draft_size is not None and image.format == "JPEG":
                 image.draft("RGB" if channels == 3 else "L", draft_size)
             return _pillow_pixels(image, channels)
@@ -75,7 +151,14 @@ def decode_image(payload: Payload, channels: int = 3, draft_size: tuple[int, int
 
 
 def _orientation(image: Image.Image) -> int:
-    """The EXIF orientation tag (1 = upright) of an opened image."""
+    """The EXIF orientation tag (1 = upright) of an opened image.
+
+    Formats other than JPEG are decoded first: reading their EXIF may decode the image (PNG), and
+    a decode failure swallowed there would leave a blank image behind for the real decode
+    (Pillow does not retry a failed load). JPEGs stay undecoded so draft() can still scale them.
+    """
+    if image.format != "JPEG":
+        image.load()
     try:
         return int(image.getexif().get(_EXIF_ORIENTATION, 1) or 1)
     except Exception:  # noqa: BLE001 - unreadable EXIF: show the pixels as stored, as viewers do
@@ -244,6 +327,8 @@ class LazyImage:
         self.jpeg: Optional[JpegHeader] = None
         self._image: Optional[Image.Image] = None
         self.orientation = 1
+        if isinstance(payload, UnreadablePayload):
+            raise BadImageError(payload.reason)
         if isinstance(payload, np.ndarray):
             self.array = payload
             self.height, self.width = int(payload.shape[0]), int(payload.shape[1])
@@ -256,13 +341,19 @@ class LazyImage:
         except _DECODE_ERRORS as error:
             raise _bad_image(payload, description, error) from error
         header = read_jpeg_header(self.data)
-        if header is not None and header.height * header.width <= (Image.MAX_IMAGE_PIXELS or math.inf):
+        name = description or _payload_name(payload)
+        if header is not None:
+            _check_pixels(header.width, header.height, name)
             self.jpeg, self.orientation = header, header.orientation
             height, width = header.height, header.width
-        else:  # not a JPEG, or one so large that Pillow's decompression-bomb check must see it
+        else:  # not a JPEG (or a header we do not parse): Pillow reads the size
             image = self.image
-            self.orientation = _orientation(image)
             width, height = image.size
+            _check_pixels(width, height, name)
+            try:
+                self.orientation = _orientation(image)
+            except _DECODE_ERRORS as error:
+                raise _bad_image(payload, description, error) from error
         if self.orientation in _SWAPPED_ORIENTATIONS:
             width, height = height, width
         self.height, self.width = height, width
@@ -272,7 +363,7 @@ class LazyImage:
         """The payload opened with Pillow (header only until decoded); BadImageError if it cannot be."""
         if self._image is None:
             try:
-                self._image = Image.open(io.BytesIO(self.data))
+                self._image = _open(self.data)
             except _DECODE_ERRORS as error:
                 raise _bad_image(self.payload, self.description, error) from error
         return self._image

@@ -58,10 +58,3 @@ class ImageFolderSource(ImageSource):
     def targets(self) -> list[int]:
         """Class ids in order."""
         return [label for _, label in self.samples]
-
-
-def split_folder_root(root: Path, split: Optional[str]) -> Path:
-    """`root/<split>` when the folder has split sub-folders (train/, validation/ …), else root."""
-    if split and (root / split).is_dir():
-        return root / split
-    return root

@@ -2,12 +2,32 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Iterable, Mapping, Union
 
 from ..errors import DataError
 
 LABELS_FILENAME = "labels.txt"
+# No real label set comes near this (ImageNet-21k has 21,843 classes); a bigger id or class count
+# is a wrong column or a corrupt file, refused before anything is sized by it.
+MAX_NUM_CLASSES = 1_000_000
+# ASCII digits only: str.isdigit also accepts '²' and other digits int() refuses.
+_LABEL_ID = re.compile(r"-?[0-9]+")
+
+
+def parse_label_id(text: str) -> int | None:
+    """The integer a label id string spells ('-1', '42'), or None when it is not one."""
+    text = text.strip()
+    return int(text) if _LABEL_ID.fullmatch(text) and len(text) <= 24 else None
+
+
+def check_num_classes(count: int, where: str) -> int:
+    """Refuse a class count (or largest id + 1) beyond MAX_NUM_CLASSES, naming where it came from."""
+    if count > MAX_NUM_CLASSES:
+        raise DataError(f"{where}: {count} classes is beyond the limit of {MAX_NUM_CLASSES} "
+                        "(a wrong label column, or a corrupt id?)")
+    return count
 
 
 def read_labels_file(path: Union[str, Path]) -> dict[int, str]:
@@ -17,14 +37,21 @@ def read_labels_file(path: Union[str, Path]) -> dict[int, str]:
         path = path / LABELS_FILENAME
     if not path.is_file():
         raise DataError(f"no labels file at {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
     labels: dict[int, str] = {}
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         index, sep, name = line.partition(":")
-        if not sep or not index.strip().lstrip("-").isdigit():
-            raise DataError(f"{path}:{number}: expected '<id>:<class name>', got {line!r}")
-        labels[int(index)] = name.strip()
+        value = parse_label_id(index) if sep else None
+        if value is None:
+            raise DataError(f"{path}:{number}: expected '<id>:<class name>', got {line[:80]!r}")
+        if value >= MAX_NUM_CLASSES:
+            raise DataError(f"{path}:{number}: label id {value} is beyond the limit of {MAX_NUM_CLASSES} classes")
+        labels[value] = name.strip()
     return labels
 
 
@@ -42,7 +69,9 @@ def labels_to_names(labels: Mapping[int, str]) -> list[str]:
     """Dense class-name list from {id: name}; ids must be 0..n-1 without gaps."""
     if not labels:
         return []
-    missing = sorted(set(range(max(labels) + 1)) - set(labels))
+    # Ids 0..n-1 for n entries; never size anything by the largest id (it may be huge).
+    missing = [i for i in range(len(labels)) if i not in labels][:5]
     if missing or min(labels) < 0:
-        raise DataError(f"labels.txt ids must run 0..{max(labels)} without gaps; missing {missing[:5]}")
+        raise DataError(f"labels.txt ids must run 0..{len(labels) - 1} without gaps; they run "
+                        f"{min(labels)}..{max(labels)}, missing {missing}")
     return [labels[i] for i in range(len(labels))]

@@ -36,7 +36,7 @@ import numpy as np
 
 from ..errors import DataError
 from .base import IGNORE, ImageSource, Target
-from .labels import LABELS_FILENAME, labels_to_names, read_labels_file
+from .labels import LABELS_FILENAME, check_num_classes, labels_to_names, parse_label_id, read_labels_file
 
 logger = logging.getLogger(__name__)
 
@@ -130,8 +130,20 @@ def _parse_csv(path: Path, text: str) -> tuple[list[_Line], bool]:
     lines: list[_Line] = []
     path_column, label_columns, plural = 0, None, False
     first = True
-    for row in rows:
+    previous = 0
+    while True:
+        try:
+            row = next(rows)
+        except StopIteration:
+            break
+        except csv.Error as error:   # a field over csv's size limit, a NUL byte, ...
+            raise DataError(f"{path}:{rows.line_num}: unreadable CSV line ({error})") from None
         number = rows.line_num
+        if number - previous > 1:
+            # csv joins lines inside quotes: a stray quote would otherwise swallow rows silently.
+            raise DataError(f"{path}:{previous + 1}: a quoted field runs over lines {previous + 1}-{number} "
+                            "(unterminated quote?)")
+        previous = number
         if not row or not any(cell.strip() for cell in row) or row[0].lstrip().startswith("#"):
             continue
         cells = [cell.strip() for cell in row]
@@ -159,7 +171,11 @@ def _parse_csv(path: Path, text: str) -> tuple[list[_Line], bool]:
 
 
 def _is_index(label: Label) -> bool:
-    return isinstance(label, int) or (isinstance(label, str) and label.lstrip("-").isdigit())
+    return isinstance(label, int) or (isinstance(label, str) and parse_label_id(label) is not None)
+
+
+def _index(label: Label) -> int:
+    return label if isinstance(label, int) else parse_label_id(label)  # type: ignore[return-value]
 
 
 def find_manifest(path: str | os.PathLike) -> Path:
@@ -263,8 +279,9 @@ class ManifestSource(ImageSource):
         if not tokens:
             raise DataError(f"{self.manifest}: no labels at all, and no {LABELS_FILENAME} beside it")
         if all(_is_index(token) for token in tokens):
-            largest = max(int(token) for token in tokens)
-            count = num_classes if num_classes is not None else largest + 1
+            largest = max(_index(token) for token in tokens)
+            count = check_num_classes(num_classes if num_classes is not None else largest + 1,
+                                      f"{self.manifest} (largest label index {largest})")
             return [str(index) for index in range(count)]
         names = [token for token in tokens if not _is_index(token)]
         if len(names) != len(tokens):
@@ -277,7 +294,7 @@ class ManifestSource(ImageSource):
         if isinstance(label, str) and label in by_name:
             return by_name[label]
         if _is_index(label):
-            index = int(label)
+            index = _index(label)
             if not 0 <= index < len(self.class_names):
                 raise DataError(f"{self.manifest}:{number}: label index {index} is outside "
                                 f"[0, {len(self.class_names)}) (num_classes {len(self.class_names)})")

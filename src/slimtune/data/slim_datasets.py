@@ -30,8 +30,9 @@ import numpy as np
 
 from ..errors import ConfigError, DataError
 from .base import Payload, StreamSource, Target
-from .labels import read_labels_file
-from .tfrecord import TFRecordError, count_records, iter_examples
+from .labels import MAX_NUM_CLASSES, read_labels_file
+from .decode import UnreadablePayload
+from .tfrecord import TFRecordError, count_records, iter_tfrecord, parse_example
 
 LABELS_FILENAME = "labels.txt"
 DATASET_SPEC_FILENAME = "slimtune_dataset.json"
@@ -144,21 +145,46 @@ def read_dataset_spec(dataset_dir: str | os.PathLike) -> DatasetSpec | None:
         if int(content.get("version", 0)) > SPEC_VERSION:
             raise ValueError(f"version {content['version']} is newer than this slimtune reads "
                              f"({SPEC_VERSION}); upgrade slimtune")
+        if not isinstance(content, dict):
+            raise ValueError("the file is not a JSON object")
         pattern = str(content["file_pattern"])
         if "%s" not in pattern:
             raise ValueError("'file_pattern' must contain %s for the split name")
-        splits = {str(name): int(size) for name, size in dict(content["splits"]).items()}
+        check_pattern(pattern, path)
+        splits = {str(name): _split_size(name, size) for name, size in dict(content["splits"]).items()}
+        num_classes = content["num_classes"]
+        if type(num_classes) is not int or not 1 <= num_classes <= MAX_NUM_CLASSES:
+            raise DataError(f"{path}: num_classes must be an integer in 1..{MAX_NUM_CLASSES}, got "
+                            f"{str(num_classes)[:40]}")
         spec = DatasetSpec(
             name=str(content["name"]), file_pattern=pattern, splits=splits,
-            num_classes=int(content["num_classes"]), multi_label=bool(content.get("multi_label", False)),
+            num_classes=num_classes, multi_label=bool(content.get("multi_label", False)),
             default_format=str(content.get("default_format", "jpeg")),
             channels=int(content.get("channels", 3)), split_aliases=_aliases_for(splits))
-    except (ValueError, KeyError, TypeError, AttributeError) as error:
-        raise DataError(f"{path}: malformed dataset spec ({error}); re-run the conversion or "
-                        "fix the file") from error
+    except DataError:
+        raise
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError, OverflowError) as error:
+        reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+        raise DataError(f"{path}: malformed dataset spec ({reason}); re-run the conversion or "
+                        "fix the file") from None
     if spec.num_classes < 1:
         raise DataError(f"{path}: num_classes must be >= 1")
     return spec
+
+
+def _split_size(name: object, size: object) -> int:
+    """A split's example count: a non-negative integer."""
+    if type(size) is not int or size < 0:
+        raise ValueError(f"split {str(name)[:40]!r} has size {str(size)[:40]}; sizes are counts (integers >= 0)")
+    return size
+
+
+def check_pattern(pattern: str, where: object) -> None:
+    """Refuse a shard pattern that could reach outside the dataset directory (absolute, or '..')."""
+    parts = pattern.replace("\\", "/").split("/")
+    if os.path.isabs(pattern) or ".." in parts or (len(pattern) > 1 and pattern[1] == ":"):
+        raise DataError(f"{where}: file pattern {pattern!r} must name shards inside the dataset directory "
+                        "(no absolute path, no '..'); point --dataset_dir at the shards instead")
 
 
 def _aliases_for(splits: dict[str, int]) -> dict[str, str]:
@@ -201,6 +227,7 @@ def find_shards(dataset_dir: str | os.PathLike, pattern: str, description: str =
     label = f" for {description}" if description else ""
     if not directory.is_dir():
         raise DataError(f"dataset directory {directory} does not exist (--dataset_dir)")
+    check_pattern(pattern, f"dataset{label}")
     # Path.glob keeps the directory literal (it may contain glob characters itself).
     matches = sorted(p for p in directory.glob(pattern) if p.is_file() and not p.name.endswith(".tmp"))
     if not matches:
@@ -224,6 +251,9 @@ def _check_complete(shards: list[Path], directory: Path, pattern: str) -> None:
             stem = shard.name[:found.start()]
             groups.setdefault((stem, int(found.group(2))), set()).add(int(found.group(1)))
     for (stem, total), present in groups.items():
+        if total > 100_000:   # never build a set sized by what a file name claims
+            raise DataError(f"shard {stem}*-of-{total} in {directory} claims {total} shards; "
+                            f"{len(present)} present (a stray or corrupt file name?)")
         missing = sorted(set(range(total)) - present)
         if missing:
             raise DataError(f"incomplete shard set '{pattern}' in {directory}: {len(present)} of "
@@ -298,18 +328,41 @@ class TFRecordSource(StreamSource):
     def iter_items(self, shard: Path, start: int = 0, step: int = 1) -> Iterator[dict]:
         """Yield slim's decoded items per record: image, label, plus whatever the record holds of
         format, filename, height, width, label_text, object/bbox (N x [ymin, xmin, ymax, xmax])
-        and object/label, and a description naming shard and record."""
-        for offset, example in enumerate(iter_examples(shard, self.verify, self.compression, start, step)):
+        and object/label, and a description naming shard and record.
+
+        A record that is not a well-formed Example, or whose features have the wrong kind (the
+        image as floats, an empty image list, the width as bytes, ...), is a bad record: its
+        item's image is an `UnreadablePayload`, which decoding refuses like a corrupt image, so
+        training skips and counts it (or stops with the reason under --on_bad_image fail).
+        """
+        for offset, record in enumerate(iter_tfrecord(shard, self.verify, self.compression, start, step)):
             index = start + offset * step
             where = f"{shard}:record {index}"
-            yield self._items(example, where)
+            try:
+                item = self._items(parse_example(record), where)
+            except _BadRecord as error:
+                item = {"image": UnreadablePayload(str(error)), "label": self._empty_target(),
+                        "format": "", "description": where}
+            except TFRecordError as error:
+                if "malformed tf.train.Example" not in str(error):
+                    raise
+                item = {"image": UnreadablePayload(f"{where}: {error}"), "label": self._empty_target(),
+                        "format": "", "description": where}
+            yield item
+
+    def _empty_target(self) -> Target:
+        return np.zeros(self.num_classes, np.float32) if self.multi_label else 0
 
     def _items(self, example: dict, where: str) -> dict:
-        image_format = _first_text(example.get(KEY_FORMAT)) or self.default_format
+        image_format = _text(example, KEY_FORMAT, where) or self.default_format
         encoded = example.get(KEY_ENCODED)
-        if not encoded:
+        if encoded is None:
             raise TFRecordError(f"{where}: record has no {KEY_ENCODED}")
-        filename = _first_text(example.get(KEY_FILENAME))
+        if not isinstance(encoded, list):
+            raise _BadRecord(f"{where}: {KEY_ENCODED} is a {_kind(encoded)} list, expected bytes")
+        if not encoded:
+            raise _BadRecord(f"{where}: {KEY_ENCODED} is an empty list")
+        filename = _text(example, KEY_FILENAME, where)
         items: dict = {
             "image": self._payload(encoded[0], image_format.lower(), where),
             "label": self._target(example, where),
@@ -319,21 +372,23 @@ class TFRecordSource(StreamSource):
         if filename:
             items["filename"] = filename
         for key, item in ((KEY_HEIGHT, "height"), (KEY_WIDTH, "width")):
-            values = example.get(key)
+            values = _numbers(example, key, where, np.int64)
             if values is not None and len(values):
                 items[item] = int(values[0])
-        text = _first_text(example.get(KEY_LABEL_TEXT))
+        text = _text(example, KEY_LABEL_TEXT, where)
         if text is not None:
             items["label_text"] = text
-        corners = [example.get(KEY_BBOX_PREFIX + side) for side in ("ymin", "xmin", "ymax", "xmax")]
+        corners = [_numbers(example, KEY_BBOX_PREFIX + side, where, np.float32)
+                   for side in ("ymin", "xmin", "ymax", "xmax")]
         if all(c is not None for c in corners):
             lengths = {len(c) for c in corners}
             if len(lengths) != 1:
                 raise TFRecordError(f"{where}: bounding-box coordinate lists differ in length")
             items["object/bbox"] = np.stack([np.asarray(c, np.float32) for c in corners], axis=1) \
                 if lengths != {0} else np.zeros((0, 4), np.float32)
-        if KEY_OBJECT_LABEL in example:
-            items["object/label"] = np.asarray(example[KEY_OBJECT_LABEL], dtype=np.int64)
+        object_labels = _numbers(example, KEY_OBJECT_LABEL, where, np.int64)
+        if object_labels is not None:
+            items["object/label"] = np.asarray(object_labels, dtype=np.int64)
         return items
 
     def _payload(self, data: bytes, image_format: str, where: str) -> Payload:
@@ -352,13 +407,12 @@ class TFRecordSource(StreamSource):
         labels = example.get(KEY_LABEL)
         if labels is None or (not self.multi_label and len(labels) == 0):
             raise TFRecordError(f"{where}: record has no {KEY_LABEL}")
-        if not isinstance(labels, np.ndarray):
-            raise TFRecordError(f"{where}: {KEY_LABEL} must be an int64 list")
+        labels = _numbers(example, KEY_LABEL, where, np.int64)
         num_classes = self.num_classes
         if self.multi_label:
             target = np.zeros(num_classes, dtype=np.float32)
-            ignore = example.get(KEY_IGNORE)
-            for values, value in ((labels, 1.0), (ignore if isinstance(ignore, np.ndarray) else [], -1.0)):
+            ignore = _numbers(example, KEY_IGNORE, where, np.int64)
+            for values, value in ((labels, 1.0), (ignore if ignore is not None else [], -1.0)):
                 for label in values:
                     if not 0 <= int(label) < num_classes:
                         raise DataError(f"{where}: label {int(label)} is outside [0, {num_classes}) "
@@ -375,10 +429,40 @@ class TFRecordSource(StreamSource):
         return label
 
 
-def _first_text(values) -> str | None:
-    if isinstance(values, list) and values:
-        return values[0].decode("utf-8", errors="replace")
-    return None
+class _BadRecord(TFRecordError):
+    """A record whose features have the wrong kind: skipped and counted like a corrupt image."""
+
+
+def _kind(values: object) -> str:
+    if isinstance(values, list):
+        return "bytes"
+    return "float" if getattr(values, "dtype", None) == np.float32 else "int64"
+
+
+def _numbers(example: dict, key: str, where: str, dtype: type) -> np.ndarray | None:
+    """A numeric feature of the expected kind (int64 or float), or None when absent.
+
+    An empty list of any kind reads as an empty array: protobuf cannot tell their kinds apart.
+    """
+    values = example.get(key)
+    if values is None:
+        return None
+    if len(values) == 0:
+        return np.zeros(0, dtype)
+    if not isinstance(values, np.ndarray) or values.dtype != dtype:
+        expected = "int64" if dtype is np.int64 else "float"
+        raise _BadRecord(f"{where}: {key} is a {_kind(values)} list, expected {expected}")
+    return values
+
+
+def _text(example: dict, key: str, where: str) -> str | None:
+    """The first value of a bytes feature as text, or None when absent or empty."""
+    values = example.get(key)
+    if values is None or len(values) == 0:
+        return None
+    if not isinstance(values, list):
+        raise _BadRecord(f"{where}: {key} is a {_kind(values)} list, expected bytes")
+    return values[0].decode("utf-8", errors="replace")
 
 
 def get_split(dataset_name: str | None, split_name: str, dataset_dir: str | os.PathLike,

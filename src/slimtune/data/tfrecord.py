@@ -33,6 +33,9 @@ _FOOTER = struct.Struct("<I")
 # Read huge payloads in pieces, so a corrupt length in a compressed stream (where the file size
 # says nothing about the decompressed size) fails as "truncated" instead of as MemoryError.
 _READ_CHUNK = 16 << 20
+# No image record comes near this; a compressed stream can claim any length (its file size bounds
+# nothing), so a record longer than this is refused before it is read into memory.
+MAX_RECORD_BYTES = 256 << 20
 
 FeatureValue = Union[list, np.ndarray]
 
@@ -176,6 +179,9 @@ def _frames(path: Path, verify: bool, codec: str, wanted) -> Iterator[tuple[int,
                     # even when verification is off.
                     raise TFRecordError(f"{path}: corrupt record {index} at {where} {offset}: "
                                         "length CRC mismatch")
+                if not seekable and length > MAX_RECORD_BYTES:   # plain files: bounded by their size
+                    raise TFRecordError(f"{path}: record {index} at {where} {offset} claims {length} bytes, "
+                                        f"over the limit of {MAX_RECORD_BYTES} bytes per record")
                 want = wanted(index)
                 if want:
                     payload: bytes | None = _read_exact(stream, length)

@@ -15,6 +15,7 @@ per-class ImageSets lists are used instead (their 0 means "difficult only", i.e.
 
 from __future__ import annotations
 
+import math
 import os
 import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass
@@ -87,10 +88,15 @@ def _flag(element: ElementTree.Element, tag: str, path: Path) -> bool:
 def _int(element: ElementTree.Element | None, tag: str, path: Path) -> int | None:
     if element is None or element.findtext(tag) is None:
         return None
+    text = element.findtext(tag).strip()
     try:
-        return int(float(element.findtext(tag)))
-    except ValueError as error:
-        raise DataError(f"{path}: <{tag}> is not a number") from error
+        value = float(text)
+    except ValueError:
+        raise DataError(f"{path}: <{tag}> is not a number ({text[:40]!r})") from None
+    # inf, nan, negative or absurd sizes: no image has them (and int(inf) would raise).
+    if not math.isfinite(value) or not 0 <= value <= 1 << 20:
+        raise DataError(f"{path}: <{tag}> {text[:40]!r} is not an image size")
+    return int(value)
 
 
 def _bbox(element: ElementTree.Element, path: Path) -> tuple[float, float, float, float] | None:
@@ -98,9 +104,12 @@ def _bbox(element: ElementTree.Element, path: Path) -> tuple[float, float, float
     if box is None:
         return None
     try:
-        return tuple(float(box.findtext(side)) for side in ("xmin", "ymin", "xmax", "ymax"))  # type: ignore[return-value]
+        corners = tuple(float(box.findtext(side)) for side in ("xmin", "ymin", "xmax", "ymax"))
     except (TypeError, ValueError) as error:
         raise DataError(f"{path}: <bndbox> needs numeric xmin, ymin, xmax, ymax") from error
+    if not all(math.isfinite(corner) for corner in corners):
+        raise DataError(f"{path}: <bndbox> has a non-finite coordinate {corners}")
+    return corners  # type: ignore[return-value]
 
 
 def find_voc_root(path: str | os.PathLike, year: str = "2007") -> Path:
@@ -123,9 +132,17 @@ def is_voc_root(path: str | os.PathLike, year: str = "2007") -> bool:
     return True
 
 
+def _read_text(path: Path) -> str:
+    """A VOC list file's text; DataError naming the file when it is not UTF-8."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+
+
 def _read_ids(path: Path) -> list[str]:
     ids = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in _read_text(path).splitlines():
         fields = line.split()
         if fields:
             ids.append(fields[0])
@@ -192,7 +209,7 @@ class VOCSource(ImageSource):
             if not path.is_file():
                 raise DataError(f"{self.root} has no Annotations/ and no {path.name} to take "
                                 "labels from")
-            for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            for number, line in enumerate(_read_text(path).splitlines(), start=1):
                 fields = line.split()
                 if not fields:
                     continue

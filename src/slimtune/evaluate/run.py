@@ -23,8 +23,8 @@ from ..data.loader import build_loader
 from ..errors import CheckpointError, ConfigError
 from ..nets.registry import ModelSpec, get_model_spec
 from ..preprocessing import get_preprocessing
-from ..train import checkpoints as ckpt
-from ..train.runtime import default_num_workers, pick_device
+from ..checkpoint import train_dir as ckpt
+from ..runtime import default_num_workers, pick_device
 from .metrics import MultiLabelAccumulator, SingleLabelAccumulator, to_jsonable
 
 log = logging.getLogger("slimtune.eval")
@@ -99,24 +99,33 @@ def _describe(source: Any, index: int) -> str:
 def load_for_eval(checkpoint_path: str | Path, model_name: Optional[str], num_classes: Optional[int],
                   device: torch.device) -> tuple[nn.Module, ModelSpec, dict[str, str], Path]:
     """Build the network recorded in (or named for) a checkpoint and load its weights."""
+    if not Path(checkpoint_path).exists() and not Path(f"{checkpoint_path}.index").exists():
+        raise CheckpointError(f"checkpoint not found: {checkpoint_path}")
     weights = ckpt.resolve_weights(checkpoint_path) if Path(checkpoint_path).is_dir() else Path(checkpoint_path)
     meta: dict[str, str] = {}
     if weights.suffix == ".safetensors" and weights.is_file():
         meta = ckpt.read_metadata(weights)
-    name = model_name or meta.get("model_name")
+    # "model" is how the run named its net (a registered name, file.py:fn or module:fn), rebuildable
+    # from here; "model_name" alone was recorded by older runs.
+    name = model_name or meta.get("model") or meta.get("model_name")
     if not name:
         raise ConfigError(f"{weights} does not record its network: pass --model_name")
     spec = get_model_spec(name)
     classes = int(meta["num_classes"]) if meta.get("num_classes") else num_classes
     trained_size = int(meta["image_size"]) if meta.get("image_size") else None
     if meta.get("format") == "slimtune":
-        model = spec.build(classes, image_size=trained_size)
+        from ..nets.endpoint_head import build_probe_model, is_probe_checkpoint
+
+        model = build_probe_model(spec, meta, trained_size) if is_probe_checkpoint(meta) else \
+            spec.build(classes, image_size=trained_size)
         ckpt.load_weights_into(model, weights)
     else:
         from ..checkpoint.restore import LOAD_ADVICE, restore
 
         model = spec.build(classes if classes is not None else spec.checkpoint_num_classes)
         restore(model, str(checkpoint_path), advice=LOAD_ADVICE)  # eval/predict can exclude nothing
+    if not isinstance(getattr(model, "num_classes", None), int) and classes is not None:
+        model.num_classes = classes  # a custom net need not carry it; the checkpoint does
     return model.to(device).eval(), spec, meta, weights
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import platform
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -23,20 +24,21 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .. import __version__
-from ..config import TrainConfig, dump_config
+from ..config import TrainConfig, config_to_dict, dump_config
 from ..data import build_source, resolve_split
 from ..data.base import ImageSource
 from ..data.labels import write_labels_file
 from ..data.loader import build_loader, set_loader_epoch
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, TrainingDiverged
 from ..nets.registry import ModelSpec, get_model_spec
 from ..preprocessing import get_preprocessing
-from . import checkpoints as ckpt
+from ..checkpoint import train_dir as ckpt
 from .freeze import apply_trainable_scopes, decay_groups
 from .losses import batch_accuracy, sigmoid_loss, softmax_loss
 from .optimizers import build_optimizer
-from .runtime import Runtime, all_reduce_sum, default_num_workers, seed_everything, setup_runtime, teardown_runtime
+from ..runtime import Runtime, all_reduce_sum, default_num_workers, seed_everything, setup_runtime, teardown_runtime
 from .schedules import learning_rate_at
+from .signals import StopRequests, TrainingInterrupted, signal_name
 
 log = logging.getLogger("slimtune.train")
 
@@ -110,8 +112,6 @@ def build_model(spec: ModelSpec, num_classes: int, config: TrainConfig) -> nn.Mo
 
 def _warm_start(model: nn.Module, config: TrainConfig, runtime: Runtime) -> Any:
     """Restore --checkpoint_path with the exclusions, name maps and policies asked for; print the plan."""
-    from ..checkpoint.restore import restore
-
     from .dry_run import restore_and_report
 
     return restore_and_report(model, config, say=lambda message: _say(message, runtime), is_main=runtime.is_main)
@@ -240,14 +240,7 @@ def _train(config: TrainConfig, runtime: Runtime) -> TrainResult:
     # Optimizer and schedule.
     # Kernels only get decay (slim's regularizers); AdamW applies the same groups decoupled.
     groups = decay_groups(model, config.weight_decay)
-    optimizer = build_optimizer(
-        config.optimizer, groups, config.learning_rate, opt_epsilon=config.opt_epsilon,
-        adadelta_rho=config.adadelta_rho, adagrad_initial_accumulator_value=config.adagrad_initial_accumulator_value,
-        adam_beta1=config.adam_beta1, adam_beta2=config.adam_beta2,
-        ftrl_learning_rate_power=config.ftrl_learning_rate_power,
-        ftrl_initial_accumulator_value=config.ftrl_initial_accumulator_value, ftrl_l1=config.ftrl_l1,
-        ftrl_l2=config.ftrl_l2, momentum=config.momentum, rmsprop_momentum=config.rmsprop_momentum,
-        rmsprop_decay=config.rmsprop_decay)
+    optimizer = build_optimizer(config.optimizer, groups, config.learning_rate, config)
 
     def rate_at(step: int) -> float:
         return learning_rate_at(step, learning_rate=config.learning_rate, decay_type=config.learning_rate_decay_type,
@@ -259,23 +252,32 @@ def _train(config: TrainConfig, runtime: Runtime) -> TrainResult:
     step = 0
     if latest is not None:
         state = ckpt.load_state(latest)
-        optimizer.load_state_dict(state["optimizer"])
         step = int(state["step"])
-        torch.set_rng_state(state["torch_rng"])
-        _say(f"Resumed from {latest.weights.name} at step {step}", runtime)
+        _set_rng_state(state, runtime)
+        restored, why = _restore_optimizer(optimizer, state, config, model)
+        _say(f"Resumed from {latest.weights.name} at step {step}" +
+             ("" if restored else f"; the optimizer state starts fresh ({why})"), runtime)
+        _say_changed_settings(train_dir, config, runtime)
+        if total_steps is not None and step >= total_steps:
+            _say(f"{train_dir} is already at step {step}, the last step of this run (of {total_steps}): nothing to "
+                 f"train; raise --max_number_of_steps / --num_epochs to train further", runtime)
+            return TrainResult(train_dir, step, latest.weights)
 
     pos_weight = _pos_weight(config, source, num_classes) if multi_label else None
     if pos_weight is not None:
         pos_weight = pos_weight.to(runtime.device)
     class_names = source.class_names[config.labels_offset:] if not multi_label else source.class_names
     metadata = {"model_name": spec.name, "num_classes": str(num_classes), "multi_label": str(multi_label).lower(),
+                # How to rebuild the net: eval/predict/features need only the checkpoint (custom nets too).
+                "model": _rebuild_spec(config.model_name), "model_kwargs": ckpt.metadata_json(
+                    {"image_size": config.train_image_size} if config.train_image_size else {}),
                 "class_names": ckpt.metadata_json(class_names[:num_classes]),
                 "image_size": str(image_size),
                 "preprocessing": config.preprocessing_name or spec.preprocessing}
     writer = None
     if runtime.is_main:
         write_labels_file(train_dir, class_names[:num_classes])
-        dump_config(config, train_dir / "config.yaml",
+        run_record = dict(
                     {"resolved": {"model": spec.name, "num_classes": num_classes, "multi_label": multi_label,
                                   "split": split, "num_samples": len(source), "image_size": image_size,
                                   "world_size": runtime.world_size, "total_steps": total_steps,
@@ -291,10 +293,21 @@ def _train(config: TrainConfig, runtime: Runtime) -> TrainResult:
              f"on {len(source)} images of split {split!r}: {trainable_count:,}/{total_count:,} parameters train; "
              f"{total_steps if total_steps is not None else 'unlimited'} steps; train_dir {train_dir}", runtime)
 
+    config_saved = False
+
     def save(at_step: int) -> Path:
+        # Called between steps only: the RNG state saved is the one the next step starts from.
+        nonlocal config_saved
         saved = ckpt.save_checkpoint(train_dir, at_step, model,
-                                     {"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()},
+                                     {"optimizer": optimizer.state_dict(), **_rng_state(runtime),
+                                      "optimizer_name": config.optimizer,
+                                      "trainable": sorted(n for n, p in model.named_parameters() if p.requires_grad)},
                                      metadata, keep=config.keep_checkpoint_max)
+        if not config_saved:
+            # config.yaml describes the run that wrote the checkpoints: written once this run has
+            # saved one, so a run that fails earlier leaves the last good run's config in place.
+            _write_config_atomically(config, train_dir / "config.yaml", run_record)
+            config_saved = True
         return saved.weights
 
     result = TrainResult(train_dir, step, latest.weights if latest else None)
@@ -308,7 +321,15 @@ def _train(config: TrainConfig, runtime: Runtime) -> TrainResult:
     window_start, window_images = time.time(), 0
     autocast_dtype = torch.bfloat16 if runtime.device.type == "cpu" else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=config.amp and runtime.device.type == "cuda")
+    # The first step whose loss was not finite, kept on the device: checking it every step would
+    # wait for the GPU every step; it is read at the log interval and before each save.
+    first_bad_step = torch.zeros((), dtype=torch.long, device=runtime.device)
+    step_lines = runtime.is_main and not sys.stderr.isatty()  # nohup, SLURM, notebooks: slim's step lines
+    # SIGINT/SIGTERM/SIGHUP raise a flag that is acted on between steps (nothing is printed from
+    # the handler itself: it may interrupt a write to stderr).
+    stop = StopRequests()
     module.train()
+    stop.install()
     try:
         while total_steps is None or step < total_steps:
             epoch, start_batch = divmod(step, batches_per_epoch)
@@ -345,10 +366,11 @@ def _train(config: TrainConfig, runtime: Runtime) -> TrainResult:
                 scaler.update()
                 step += 1
                 window_images += len(batch) * runtime.world_size
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"loss became {loss.item()} at step {step}; lower --learning_rate")
+                first_bad_step = torch.where((first_bad_step == 0) & ~torch.isfinite(loss.detach()),
+                                             torch.full_like(first_bad_step, step), first_bad_step)
 
                 if step % config.log_every_n_steps == 0 or step == total_steps:
+                    _check_finite(first_bad_step, runtime, config, collective=True)
                     stats = torch.stack([loss.detach().float(), batch_accuracy(logits.float(), targets, multi_label)])
                     stats = all_reduce_sum(stats, runtime) / runtime.world_size
                     loss_value, accuracy = float(stats[0]), float(stats[1])
@@ -366,6 +388,9 @@ def _train(config: TrainConfig, runtime: Runtime) -> TrainResult:
                                  step, loss_value, accuracy, rate, speed)
                         progress.set_postfix(loss=f"{loss_value:.4f}", acc=f"{accuracy:.3f}", lr=f"{rate:.2g}",
                                              img_s=f"{speed:.0f}")
+                        if step_lines:
+                            print(f"step {step}: loss {loss_value:.4f}, accuracy {accuracy:.3f}, "
+                                  f"{speed:.1f} images/s, lr {rate:.3g}", file=sys.stderr, flush=True)
                 if progress is not None:
                     progress.update(1)
                 now = time.time()
@@ -374,24 +399,34 @@ def _train(config: TrainConfig, runtime: Runtime) -> TrainResult:
                     last_summary_time = now
                 due_by_steps = config.save_every_n_steps and step % config.save_every_n_steps == 0
                 if runtime.is_main and (due_by_steps or now - last_save_time >= config.save_interval_secs):
+                    _check_finite(first_bad_step, runtime, config)  # never save weights gone to NaN
                     result.checkpoint = save(step)
                     last_save_time = now
                 if evaluator is not None and step % config.eval_every_n_steps == 0:
                     evaluator(model, step, writer)
                     module.train()
+                if _stop_now(stop, step, config, runtime) and step != total_steps:
+                    _check_finite(first_bad_step, runtime, config)
+                    raise TrainingInterrupted(stop.signum or signal.SIGINT)
             if step == step_at_epoch_start:
                 raise DataError(f"a whole epoch gave no readable image ({result.skipped_images} skipped); "
                                 f"check the dataset")
-    except KeyboardInterrupt:
-        if runtime.is_main:
+    except TrainingInterrupted as interrupted:
+        if runtime.is_main and not interrupted.immediate:
+            # A stop request seen between steps: save that boundary.
             result.checkpoint = save(step)
-            _say(f"\nInterrupted: saved {result.checkpoint.name} at step {step}; run the same command to resume",
-                 runtime)
+            _say(f"Interrupted by {signal_name(interrupted.signum)}: saved {result.checkpoint.name} at step "
+                 f"{step}; run the same command to resume", runtime)
+        elif runtime.is_main:
+            _say(f"Stopped by a second {signal_name(interrupted.signum)} without saving; the last checkpoint "
+                 f"({_latest_name(train_dir)}) is intact; run the same command to resume from it", runtime)
         raise
     finally:
+        stop.restore()
         if progress is not None:
             progress.close()
     if runtime.is_main:
+        _check_finite(first_bad_step, runtime, config)
         if result.checkpoint is None or ckpt.latest_checkpoint(train_dir).step != step:
             result.checkpoint = save(step)
         if evaluator is not None and step % config.eval_every_n_steps != 0:
@@ -402,6 +437,113 @@ def _train(config: TrainConfig, runtime: Runtime) -> TrainResult:
         _say(f"Finished at step {step}: {result.checkpoint}", runtime)
     result.step = step
     return result
+
+
+def _rebuild_spec(model_name: str) -> str:
+    """--model_name as it can be given again from anywhere: a file path made absolute."""
+    location, sep, function = model_name.rpartition(":")
+    if sep and (location.endswith(".py") or "/" in location or "\\" in location):
+        return f"{Path(location).expanduser().resolve()}:{function}"
+    return model_name
+
+
+def _write_config_atomically(config: TrainConfig, path: Path, extra: dict[str, Any]) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    dump_config(config, temporary, extra)
+    temporary.replace(path)
+
+
+def _restore_optimizer(optimizer: torch.optim.Optimizer, state: dict[str, Any], config: TrainConfig,
+                       model: nn.Module) -> tuple[bool, str]:
+    """Load the saved optimizer state when it belongs to this optimizer and these trainable tensors.
+
+    A rerun with another --optimizer or other --trainable_scopes (phase 2 of a two-phase recipe)
+    keeps the weights and the step and starts the optimizer fresh; returns (restored, why not).
+    """
+    saved_name = state.get("optimizer_name")
+    if saved_name is not None and saved_name != config.optimizer:
+        return False, f"it was {saved_name}, now {config.optimizer}"
+    trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    saved_trainable = state.get("trainable")
+    if saved_trainable is not None and list(saved_trainable) != trainable:
+        return False, (f"the trainable tensors changed: {len(saved_trainable)} before, {len(trainable)} now "
+                       f"(--trainable_scopes)")
+    before = optimizer.state_dict()
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+    except (KeyError, ValueError, RuntimeError, TypeError) as error:
+        optimizer.load_state_dict(before)
+        return False, f"the saved state does not fit this optimizer: {str(error).splitlines()[0][:120]}"
+    return True, ""
+
+
+# Settings whose change between runs is expected (how far to train, where to log) or not a setting.
+_NOT_COMPARED = {"config", "max_number_of_steps", "num_epochs", "dry_run", "checkpoint_path", "device",
+                 "num_workers", "log_every_n_steps", "save_interval_secs", "save_summaries_secs",
+                 "save_every_n_steps", "eval_every_n_steps", "keep_checkpoint_max"}
+
+
+def _say_changed_settings(train_dir: Path, config: TrainConfig, runtime: Runtime) -> None:
+    """One line listing the settings that differ from the run that wrote train_dir's config.yaml."""
+    import yaml
+
+    try:
+        saved = yaml.safe_load((train_dir / "config.yaml").read_text(encoding="utf-8")).get("settings", {})
+    except (OSError, yaml.YAMLError, AttributeError):
+        return
+    current = config_to_dict(config)
+    changed = [f"{k} {saved[k]!r} -> {v!r}" for k, v in current.items()
+               if k in saved and k not in _NOT_COMPARED and saved[k] != v
+               and not (isinstance(v, list) and list(saved[k] or []) == v)]
+    if changed:
+        _say(f"Settings changed since the run that saved this train_dir: {', '.join(changed)}", runtime)
+
+
+def _rng_state(runtime: Runtime) -> dict[str, Any]:
+    """The RNG state of a step boundary: CPU, and the run's CUDA device when it uses one."""
+    state: dict[str, Any] = {"torch_rng": torch.get_rng_state()}
+    if runtime.device.type == "cuda":
+        state["cuda_rng"] = torch.cuda.get_rng_state(runtime.device)
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], runtime: Runtime) -> None:
+    torch.set_rng_state(state["torch_rng"])
+    if runtime.device.type == "cuda" and state.get("cuda_rng") is not None:
+        torch.cuda.set_rng_state(state["cuda_rng"], runtime.device)
+
+
+def _check_finite(first_bad_step: torch.Tensor, runtime: Runtime, config: TrainConfig,
+                  collective: bool = False) -> None:
+    """Stop with one line naming the first step whose loss was NaN or infinite (one host sync).
+
+    `collective` (every process calls it at the same step) makes all processes stop together.
+    """
+    bad = first_bad_step
+    if collective and runtime.distributed:
+        bad = first_bad_step.clone()
+        torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+    bad_step = int(bad)
+    if bad_step:
+        raise TrainingDiverged(f"the loss became NaN or infinite at step {bad_step} (learning rate "
+                               f"{config.learning_rate:g}); lower --learning_rate (e.g. "
+                               f"{config.learning_rate / 10:g}) or add --warmup_epochs; nothing was saved "
+                               f"after the last good checkpoint")
+
+
+def _stop_now(stop: StopRequests, step: int, config: TrainConfig, runtime: Runtime) -> bool:
+    """Whether a stop signal was received; under DDP a collective decision at the log interval."""
+    if not runtime.distributed:
+        return stop.requested
+    if step % config.log_every_n_steps:
+        return False
+    flag = torch.tensor(1 if stop.requested else 0, device=runtime.device)
+    return bool(all_reduce_sum(flag, runtime))
+
+
+def _latest_name(train_dir: Path) -> str:
+    latest = ckpt.latest_checkpoint(train_dir)
+    return latest.weights.name if latest else "none yet"
 
 
 def _forward(module: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, dict]:

@@ -8,14 +8,13 @@ recipes were tuned for. FTRL has no torch counterpart. Both are implemented here
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional
+from types import SimpleNamespace
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 from torch.optim import Optimizer
 
 from ..errors import ConfigError
-
-OPTIMIZERS = ("adadelta", "adagrad", "adam", "adamw", "ftrl", "momentum", "rmsprop", "sgd")
 
 # Per-optimizer epsilon when --opt_epsilon is not given. slim used 1.0 for all of them, which
 # makes Adam barely move (a trap its users hit); RMSProp keeps 1.0 because its TF form puts
@@ -97,30 +96,91 @@ class Ftrl(Optimizer):
         return loss
 
 
-def build_optimizer(name: str, param_groups: list[dict], learning_rate: float, *, opt_epsilon: Optional[float] = None,
-                    adadelta_rho: float = 0.95, adagrad_initial_accumulator_value: float = 0.1,
-                    adam_beta1: float = 0.9, adam_beta2: float = 0.999, ftrl_learning_rate_power: float = -0.5,
-                    ftrl_initial_accumulator_value: float = 0.1, ftrl_l1: float = 0.0, ftrl_l2: float = 0.0,
-                    momentum: float = 0.9, rmsprop_momentum: float = 0.9, rmsprop_decay: float = 0.9) -> Optimizer:
-    """Build slim's optimizer `name` over param groups (each may carry its own weight_decay)."""
-    epsilon = opt_epsilon if opt_epsilon is not None else DEFAULT_EPSILON.get(name)
-    if name == "adadelta":
-        return torch.optim.Adadelta(param_groups, lr=learning_rate, rho=adadelta_rho, eps=epsilon)
-    if name == "adagrad":
-        return torch.optim.Adagrad(param_groups, lr=learning_rate,
-                                   initial_accumulator_value=adagrad_initial_accumulator_value)
-    if name == "adam":
-        return torch.optim.Adam(param_groups, lr=learning_rate, betas=(adam_beta1, adam_beta2), eps=epsilon)
-    if name == "adamw":
-        return torch.optim.AdamW(param_groups, lr=learning_rate, betas=(adam_beta1, adam_beta2), eps=epsilon)
-    if name == "ftrl":
-        return Ftrl(param_groups, lr=learning_rate, learning_rate_power=ftrl_learning_rate_power,
-                    initial_accumulator_value=ftrl_initial_accumulator_value, l1=ftrl_l1, l2=ftrl_l2)
-    if name == "momentum":
-        return torch.optim.SGD(param_groups, lr=learning_rate, momentum=momentum)
-    if name == "rmsprop":
-        return TFRMSprop(param_groups, lr=learning_rate, decay=rmsprop_decay, momentum=rmsprop_momentum,
-                         epsilon=epsilon)
-    if name == "sgd":
-        return torch.optim.SGD(param_groups, lr=learning_rate)
-    raise ConfigError(f"--optimizer {name!r} is not one of {', '.join(OPTIMIZERS)}")
+# The optimizer registry: name -> factory(param_groups, learning_rate, options). Each factory reads
+# the flags it needs from `options` (a TrainConfig, or any object with those attributes), so adding
+# an optimizer is one decorated function here, plus its name in the --optimizer choices.
+OptimizerFactory = Callable[[list, float, Any], Optimizer]
+_REGISTRY: dict[str, OptimizerFactory] = {}
+
+
+def register_optimizer(name: str) -> Callable[[OptimizerFactory], OptimizerFactory]:
+    """Decorator adding an optimizer factory under `name`."""
+    def add(factory: OptimizerFactory) -> OptimizerFactory:
+        _REGISTRY[name] = factory
+        return factory
+    return add
+
+
+def _epsilon(options: Any, name: str) -> Optional[float]:
+    given = getattr(options, "opt_epsilon", None)
+    return given if given is not None else DEFAULT_EPSILON.get(name)
+
+
+@register_optimizer("adadelta")
+def _adadelta(groups: list, lr: float, o: Any) -> Optimizer:
+    return torch.optim.Adadelta(groups, lr=lr, rho=o.adadelta_rho, eps=_epsilon(o, "adadelta"))
+
+
+@register_optimizer("adagrad")
+def _adagrad(groups: list, lr: float, o: Any) -> Optimizer:
+    return torch.optim.Adagrad(groups, lr=lr, initial_accumulator_value=o.adagrad_initial_accumulator_value)
+
+
+@register_optimizer("adam")
+def _adam(groups: list, lr: float, o: Any) -> Optimizer:
+    return torch.optim.Adam(groups, lr=lr, betas=(o.adam_beta1, o.adam_beta2), eps=_epsilon(o, "adam"))
+
+
+@register_optimizer("adamw")
+def _adamw(groups: list, lr: float, o: Any) -> Optimizer:
+    return torch.optim.AdamW(groups, lr=lr, betas=(o.adam_beta1, o.adam_beta2), eps=_epsilon(o, "adamw"))
+
+
+@register_optimizer("ftrl")
+def _ftrl(groups: list, lr: float, o: Any) -> Optimizer:
+    return Ftrl(groups, lr=lr, learning_rate_power=o.ftrl_learning_rate_power,
+                initial_accumulator_value=o.ftrl_initial_accumulator_value, l1=o.ftrl_l1, l2=o.ftrl_l2)
+
+
+@register_optimizer("momentum")
+def _momentum(groups: list, lr: float, o: Any) -> Optimizer:
+    return torch.optim.SGD(groups, lr=lr, momentum=o.momentum)
+
+
+@register_optimizer("rmsprop")
+def _rmsprop(groups: list, lr: float, o: Any) -> Optimizer:
+    return TFRMSprop(groups, lr=lr, decay=o.rmsprop_decay, momentum=o.rmsprop_momentum, epsilon=_epsilon(o, "rmsprop"))
+
+
+@register_optimizer("sgd")
+def _sgd(groups: list, lr: float, o: Any) -> Optimizer:
+    return torch.optim.SGD(groups, lr=lr)
+
+
+def optimizer_names() -> tuple[str, ...]:
+    """The registered optimizer names, sorted."""
+    return tuple(sorted(_REGISTRY))
+
+
+OPTIMIZERS = optimizer_names()  # at import time: the built-in ones
+
+
+def build_optimizer(name: str, param_groups: list[dict], learning_rate: float, options: Any = None,
+                    **overrides: Any) -> Optimizer:
+    """Build slim's optimizer `name` over param groups (each may carry its own weight_decay).
+
+    `options` supplies the optimizer flags (a TrainConfig); keyword `overrides` replace single ones
+    (`opt_epsilon=1.0`); flags given by neither take TrainConfig's defaults.
+    """
+    factory = _REGISTRY.get(name)
+    if factory is None:
+        raise ConfigError(f"--optimizer {name!r} is not one of {', '.join(optimizer_names())}")
+    if options is None:
+        from ..config import TrainConfig
+
+        options = TrainConfig()
+    unknown = [key for key in overrides if not hasattr(options, key)]
+    if unknown:
+        raise ConfigError(f"unknown optimizer option(s) {', '.join(unknown)}")
+    merged = SimpleNamespace(**{**vars(options), **overrides}) if overrides else options
+    return factory(param_groups, learning_rate, merged)

@@ -61,38 +61,15 @@ def iter_fields(buf: bytes | memoryview, start: int = 0, end: int | None = None)
     """Yield (field_number, wire_type, value) for each field of a message.
 
     value is an int for VARINT / FIXED32 / FIXED64 (raw unsigned) and a memoryview slice for
-    LENGTH_DELIMITED. Groups are rejected: no TF message we read uses them.
+    LENGTH_DELIMITED. Groups are rejected: no TF message we read uses them. A thin view over
+    `iter_field_spans`, the one place where field bounds are checked.
     """
     view = buf if isinstance(buf, memoryview) else memoryview(buf)
-    if end is None:
-        end = len(view)
-    pos = start
-    while pos < end:
-        key, pos = read_varint(view, pos, end)
-        field, wire_type = key >> 3, key & 7
-        if field == 0:
-            raise WireError("field number 0")
-        if wire_type == VARINT:
-            value, pos = read_varint(view, pos, end)
-        elif wire_type == FIXED64:
-            if pos + 8 > end:
-                raise WireError("truncated fixed64")
-            value = int.from_bytes(view[pos:pos + 8], "little")
-            pos += 8
-        elif wire_type == FIXED32:
-            if pos + 4 > end:
-                raise WireError("truncated fixed32")
-            value = int.from_bytes(view[pos:pos + 4], "little")
-            pos += 4
-        elif wire_type == LENGTH_DELIMITED:
-            length, pos = read_varint(view, pos, end)
-            if length > end - pos:
-                raise WireError("length-delimited field runs past the end of the message")
-            value = view[pos:pos + length]
-            pos += length
+    for field, wire_type, value, value_start in iter_field_spans(view, start, end):
+        if wire_type == LENGTH_DELIMITED:
+            yield field, wire_type, view[value_start:value_start + value]
         else:
-            raise WireError(f"unsupported wire type {wire_type}")
-        yield field, wire_type, value
+            yield field, wire_type, value
 
 
 def unpack_varints(payload: bytes | memoryview) -> list[int]:
@@ -135,8 +112,7 @@ def iter_field_spans(
     positions lets a caller map a payload back to a file offset (e.g. to copy it with pread).
     """
     view = buf if isinstance(buf, memoryview) else memoryview(buf)
-    if end is None:
-        end = len(view)
+    end = len(view) if end is None else min(end, len(view))   # never read past the buffer
     pos = start
     while pos < end:
         key, pos = read_varint(view, pos, end)
