@@ -447,7 +447,7 @@ def test_npy_hostile_and_wrong_content(tmp_path: Path) -> None:
 
 
 def test_garbage_torch_files(tmp_path: Path) -> None:
-    import torch   # imported before timing: the first import alone can take seconds
+    import torch   # imported first: its import allocates far more than any read below
 
     (tmp_path / "w.pt").write_bytes(b"\x80\x02garbage that is not a pickle stream at all")
     fails(tmp_path / "w.pt", "refused")

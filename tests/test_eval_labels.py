@@ -15,7 +15,7 @@ from slimtune.config import EvalConfig
 from slimtune.errors import ConfigError
 from slimtune.evaluate import run as eval_run
 from slimtune.nets.registry import get_model_spec
-from slimtune.train import checkpoints as ckpt
+from slimtune.checkpoint import train_dir as ckpt
 
 TEN = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
