@@ -374,6 +374,13 @@ def build_trunk(ops: Sequence[Op], in_channels: int, multiplier: float, *, divis
             inner_act = activation if op.inner_activation == "default" else op.inner_activation
             depthwise_act = inner_act if op.depthwise_activation == "default" else op.depthwise_activation
             expansion_size = op.expansion(channels)
+            if (op.fused and layer_stride != op.stride and op.residual and depth == channels
+                    and expansion_size > channels):
+                # slim's fused conv keeps its stride past output_stride while the residual test
+                # sees stride 1: TF then adds maps of different sizes and fails to build.
+                raise ConfigError(f"output_stride={output_stride}: slim cannot build {scope} ({end_point}): its "
+                                  f"fused conv keeps stride {op.stride} but the residual is still added; "
+                                  "use a larger output_stride")
             width = expansion_size if expansion_size > channels else channels
             transform = op.expansion_transform(width) if op.expansion_transform is not None else None
             module = ExpandedConv(channels, depth, expansion_size, op.kernel_size, layer_stride, layer_rate,
