@@ -186,6 +186,14 @@ def _mobilenet_v3_network_fn(env: Any, model_name: str, num_classes: int | None)
     return network_fn
 
 
+def _mobilenet_v3_configs_elsewhere(names: list[str], slim_src: str) -> list[str]:
+    """With --nets all, the MOBILENET_V3 configs whose tree is not --slim_src (they are made by
+    their own run, see above); every other config stays."""
+    here = os.path.realpath(slim_src)
+    return [name for name in names if CONFIGS[name].model_name in MOBILENET_V3_FACTORY
+            and os.path.realpath(MOBILENET_V3_FACTORY[CONFIGS[name].model_name][1]) != here]
+
+
 CONFIGS.update({
     # The six nets at their published size (1001 classes).
     "mobilenet_v3_large": FixtureConfig("mobilenet_v3_large", 1001, 224),
@@ -330,6 +338,12 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in CONFIGS]
     if unknown:
         parser.error(f"unknown config(s) {unknown}; see --list")
+    if args.nets == "all":
+        elsewhere = _mobilenet_v3_configs_elsewhere(names, args.slim_src)
+        if elsewhere:
+            print(f"skipping {len(elsewhere)} MobileNet v3 config(s) that need another --slim_src "
+                  "(tools/tf_reference/README.md, section 5)")
+        names = [name for name in names if name not in elsewhere]
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     env = load_slim(args.slim_src)

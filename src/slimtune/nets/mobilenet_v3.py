@@ -25,6 +25,11 @@ multiplier, above 1 too). End points: layer_1 ... layer_N, each block's layer_N/
 (when it expands), layer_N/depthwise_output (unfused blocks), layer_N/output, then global_pool,
 Logits, Predictions.
 
+slim's v3 always pools globally and squeezes the logits (its mobilenet() takes neither
+`global_pool` nor `spatial_squeeze`), so neither is an option here; num_classes=0 returns the
+pooled features (slim's `global_pool` end point), any input size works (square maps, or
+non-square ones whose last map is at least 7x7 for the four v3 nets).
+
 slim's v3 cannot be built with `use_explicit_padding` (its reduce_to_1x1 passes the flag to
 slim.avg_pool2d, and EdgeTPU's fused residuals stop matching in shape) nor with an
 `output_stride` that gives reduce_to_1x1 an atrous rate: both are ConfigErrors here. The
