@@ -47,6 +47,13 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 DEFAULT_NETS = ("resnet_v1_50", "mobilenet_v1", "vgg_16")
 TARGET_TRAIN_RATIO = 1.25
+# MobileNet v3 / EdgeTPU are not in /work/slim_src's nets_factory: the TF worker builds them from
+# research/slim's nets/mobilenet/mobilenet_v3.py of --slim_src_v3 (see tools/tf_reference/README.md,
+# section 5), as upstream's later nets_factory does: inside training_scope(weight_decay=...).
+MOBILENET_V3_FUNCTIONS = {"mobilenet_v3_large": "large", "mobilenet_v3_small": "small",
+                          "mobilenet_v3_large_minimalistic": "large_minimalistic",
+                          "mobilenet_v3_small_minimalistic": "small_minimalistic",
+                          "mobilenet_edgetpu": "edge_tpu", "mobilenet_edgetpu_075": "edge_tpu_075"}
 WEIGHT_DECAY = 4e-5        # train_image_classifier.py's --weight_decay default
 LEARNING_RATE = 0.01
 MOMENTUM = 0.9
@@ -140,7 +147,13 @@ def tf_worker(args: argparse.Namespace) -> dict[str, Any]:
     from slimtune.malloc import reuse_freed_memory  # torch-free; both sides get the same allocator
 
     allocator_tuned = not args.system_malloc and reuse_freed_memory()
-    env = load_slim(args.slim_src)
+    v3_function = MOBILENET_V3_FUNCTIONS.get(args.net)
+    if v3_function is not None:
+        import numpy as np
+
+        if "int" not in np.__dict__:
+            np.int = int  # late-2019 mobilenet_v3.py uses np.int at import (gone in numpy 2)
+    env = load_slim(args.slim_src_v3 if v3_function else args.slim_src)
     tf = env.tf
     # slim's factory defaults (and the published checkpoints): 1001 classes for MobileNet, 1000 else.
     num_classes = 1001 if args.net.startswith("mobilenet") else 1000
@@ -154,9 +167,14 @@ def tf_worker(args: argparse.Namespace) -> dict[str, Any]:
                              trainable=False, name="bench_images")
         labels = tf.Variable(tf.random.uniform([args.batch], 0, num_classes, dtype=tf.int32),
                              trainable=False, name="bench_labels")
-        network_fn = env.nets_factory.get_network_fn(args.net, num_classes=num_classes,
-                                                     weight_decay=WEIGHT_DECAY, is_training=is_training)
-        logits, _ = network_fn(images)
+        if v3_function is not None:
+            v3 = env.import_module("nets.mobilenet.mobilenet_v3")
+            with env.slim.arg_scope(v3.training_scope(weight_decay=WEIGHT_DECAY, is_training=is_training)):
+                logits, _ = getattr(v3, v3_function)(images, num_classes=num_classes, is_training=is_training)
+        else:
+            network_fn = env.nets_factory.get_network_fn(args.net, num_classes=num_classes,
+                                                         weight_decay=WEIGHT_DECAY, is_training=is_training)
+            logits, _ = network_fn(images)
         if is_training:
             tf.losses.softmax_cross_entropy(tf.one_hot(labels, num_classes), logits)
             total_loss = tf.losses.get_total_loss(add_regularization_losses=True)
@@ -216,6 +234,7 @@ def run_worker(python: str, framework: str, net: str, mode: str, batch: int, arg
                "--batch", str(batch), "--image_size", str(args.image_size), "--threads", str(args.threads),
                "--warmup", str(args.warmup), "--min_steps", str(args.min_steps),
                "--min_seconds", str(args.min_seconds), "--slim_src", args.slim_src,
+               "--slim_src_v3", args.slim_src_v3,
                "--tf_inter_op", str(args.tf_inter_op), "--memory_format", args.memory_format]
     if args.compile:
         command.append("--compile")
@@ -333,6 +352,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tf_python", default=None, help="python of the TensorFlow venv")
     parser.add_argument("--slim_src", default="/work/slim_src", help="research/slim checkout")
+    parser.add_argument("--slim_src_v3", default="/work/slim_src_edgetpu",
+                        help="research/slim tree with nets/mobilenet/mobilenet_v3.py (MobileNet v3 / EdgeTPU)")
     parser.add_argument("--nets", default=",".join(DEFAULT_NETS))
     parser.add_argument("--frameworks", default="slimtune,tf-slim", help="comma list of slimtune, tf-slim")
     parser.add_argument("--modes", default="forward,train", help="comma list of forward, train")

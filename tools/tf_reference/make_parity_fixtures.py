@@ -63,6 +63,7 @@ class FixtureConfig:
     net_kwargs: dict[str, Any] = field(default_factory=dict)   # extra kwargs to the net function
     channels: int = 3
     checkpoint: str | None = None        # "v1" / "v2": --write_checkpoint saves this TF format
+    image_width: int | None = None       # a non-square input: image_size x image_width (height x width)
 
 
 CONFIGS: dict[str, FixtureConfig] = {
@@ -136,6 +137,109 @@ CONFIGS: dict[str, FixtureConfig] = {
 }
 
 
+# ---- MOBILENET_V3 block (begin) -----------------------------------------------------------------
+# MobileNet v3 is not in /work/slim_src (67c403fc); generate these configs from a later tree:
+#   --slim_src /work/slim_src_v3        upstream 0ba83cf0: nets/mobilenet/mobilenet_v3.py (v3 nets)
+#   --slim_src /work/slim_src_edgetpu   the same tree with mobilenet_v3.py of upstream 03cdc5fe,
+#                                       which adds V3_EDGETPU (mobilenet_edgetpu*)
+# Each golden records the tree's SOURCE_REVISION. Neither tree's nets_factory lists these nets yet;
+# _mobilenet_v3_network_fn builds them as upstream's later nets_factory does: inside
+# mobilenet_v3.training_scope(weight_decay=...), called with num_classes and is_training=False.
+# Late-2019 research/slim still writes `np.int` (gone in numpy 2) when mobilenet_v3 is imported,
+# and `from tensorflow.contrib import slim` (slim_env registers tensorflow.contrib.* for that).
+if "int" not in np.__dict__:
+    np.int = int  # type: ignore[attr-defined]
+
+#: nets_factory name -> (mobilenet_v3 attribute, which tree has it)
+MOBILENET_V3_FACTORY: dict[str, tuple[str, str]] = {
+    "mobilenet_v3_large": ("large", "/work/slim_src_v3"),
+    "mobilenet_v3_small": ("small", "/work/slim_src_v3"),
+    "mobilenet_v3_large_minimalistic": ("large_minimalistic", "/work/slim_src_v3"),
+    "mobilenet_v3_small_minimalistic": ("small_minimalistic", "/work/slim_src_v3"),
+    "mobilenet_edgetpu": ("edge_tpu", "/work/slim_src_edgetpu"),
+    "mobilenet_edgetpu_075": ("edge_tpu_075", "/work/slim_src_edgetpu"),
+}
+
+
+def _mobilenet_v3_function(env: Any, model_name: str) -> Any:
+    """research/slim's mobilenet_v3.<fn> for a nets_factory name, or a clear error naming the tree."""
+    attribute, tree = MOBILENET_V3_FACTORY[model_name]
+    try:
+        module = env.import_module("nets.mobilenet.mobilenet_v3")
+    except ImportError as error:
+        raise SystemExit(f"{model_name}: {env.slim_src} has no nets/mobilenet/mobilenet_v3.py ({error}); "
+                         f"run with --slim_src {tree}")
+    if not hasattr(module, attribute):
+        raise SystemExit(f"{model_name}: {env.slim_src}'s mobilenet_v3.py has no {attribute}; "
+                         f"run with --slim_src {tree}")
+    return getattr(module, attribute)
+
+
+def _mobilenet_v3_network_fn(env: Any, model_name: str, num_classes: int | None) -> Any:
+    """Upstream nets_factory's network_fn for the v3 family (arg scope: mobilenet_v3.training_scope)."""
+    func = _mobilenet_v3_function(env, model_name)
+    module = env.import_module("nets.mobilenet.mobilenet_v3")
+
+    def network_fn(images: Any, **kwargs: Any) -> Any:
+        with env.slim.arg_scope(module.training_scope(weight_decay=0.0)):
+            return func(images, num_classes=num_classes, is_training=False, **kwargs)
+    return network_fn
+
+
+def _mobilenet_v3_configs_elsewhere(names: list[str], slim_src: str) -> list[str]:
+    """With --nets all, the MOBILENET_V3 configs whose tree is not --slim_src (they are made by
+    their own run, see above); every other config stays."""
+    here = os.path.realpath(slim_src)
+    return [name for name in names if CONFIGS[name].model_name in MOBILENET_V3_FACTORY
+            and os.path.realpath(MOBILENET_V3_FACTORY[CONFIGS[name].model_name][1]) != here]
+
+
+CONFIGS.update({
+    # The six nets at their published size (1001 classes).
+    "mobilenet_v3_large": FixtureConfig("mobilenet_v3_large", 1001, 224),
+    "mobilenet_v3_small": FixtureConfig("mobilenet_v3_small", 1001, 224),
+    "mobilenet_v3_large_minimalistic": FixtureConfig("mobilenet_v3_large_minimalistic", 1001, 224),
+    "mobilenet_v3_small_minimalistic": FixtureConfig("mobilenet_v3_small_minimalistic", 1001, 224),
+    "mobilenet_edgetpu": FixtureConfig("mobilenet_edgetpu", 1001, 224),
+    "mobilenet_edgetpu_075": FixtureConfig("mobilenet_edgetpu_075", 1001, 224),
+    # A non-square input: the last map (8x10) is not square, so reduce_to_1x1 falls back to its 7x7/1
+    # VALID window (2x4), Conv_2 runs on that and the global pool averages it.
+    "mobilenet_v3_small_250x300": FixtureConfig("mobilenet_v3_small", 1001, 250, image_width=300),
+    # The published 0.75 multiplier of v3-large at a small odd size (asymmetric SAME pads).
+    "mobilenet_v3_large_075_97": FixtureConfig("mobilenet_v3_large", 1001, 97, {"depth_multiplier": 0.75}),
+    # finegrain_classification_mode keeps Conv_2 at 1024 under a 0.5 multiplier.
+    "mobilenet_v3_small_minimalistic_050_finegrain": FixtureConfig(
+        "mobilenet_v3_small_minimalistic", 1001, 96,
+        {"depth_multiplier": 0.5, "finegrain_classification_mode": True}),
+    # output_stride 4: past stride 4 the fused blocks keep their own stride (slim's partial) while
+    # the later depthwise convs turn atrous (rates 2, 4, 8).
+    "mobilenet_edgetpu_075_os4": FixtureConfig("mobilenet_edgetpu_075", 1001, 96, {"output_stride": 4}),
+    # Real TF-written checkpoints, small enough to commit: V2 (v3-large: squeeze-excite, hard-swish,
+    # biased Conv_2) and V1 (EdgeTPU: fused blocks).
+    "mobilenet_v3_large_025_ckpt": FixtureConfig("mobilenet_v3_large", 10, 64, {"depth_multiplier": 0.25},
+                                                 checkpoint="v2"),
+    "mobilenet_edgetpu_025_ckpt": FixtureConfig("mobilenet_edgetpu", 10, 64, {"depth_multiplier": 0.25},
+                                                checkpoint="v1"),
+})
+# ---- MOBILENET_V3 block (end) -------------------------------------------------------------------
+
+
+def _get_network_fn(env: Any, model_name: str, num_classes: int | None) -> Any:
+    """The slim tree's nets_factory network_fn (inference, no weight decay), or, for nets that this
+    tree's nets_factory does not list yet, the same construction from a block below."""
+    if model_name in MOBILENET_V3_FACTORY:
+        return _mobilenet_v3_network_fn(env, model_name, num_classes)
+    return env.nets_factory.get_network_fn(model_name, num_classes=num_classes, weight_decay=0.0,
+                                           is_training=False)
+
+
+def _networks_map_entry(env: Any, model_name: str) -> Any:
+    """The nets_factory networks_map function of a net (see _get_network_fn)."""
+    if model_name in MOBILENET_V3_FACTORY:
+        return _mobilenet_v3_function(env, model_name)
+    return env.nets_factory.networks_map[model_name]
+
+
 def _partial_keywords(fn: Any) -> dict[str, Any]:
     """Keyword defaults a nets_factory entry bakes in (e.g. depth_multiplier of mobilenet_v1_075)."""
     keywords: dict[str, Any] = {}
@@ -172,13 +276,13 @@ def make_fixture(env: Any, config_name: str, config: FixtureConfig, out_dir: Pat
     """Build, run and record one config; return a summary line's data."""
     tf = env.tf
     started = time.time()
-    inputs = seeded_inputs(BATCH, config.image_size, config.image_size, config.channels, seed)
+    width = config.image_width or config.image_size
+    inputs = seeded_inputs(BATCH, config.image_size, width, config.channels, seed)
     graph = tf.Graph()
     with graph.as_default():
-        images = tf.placeholder(tf.float32, [BATCH, config.image_size, config.image_size, config.channels],
+        images = tf.placeholder(tf.float32, [BATCH, config.image_size, width, config.channels],
                                 name="images")
-        network_fn = env.nets_factory.get_network_fn(config.model_name, num_classes=config.num_classes,
-                                                     weight_decay=0.0, is_training=False)
+        network_fn = _get_network_fn(env, config.model_name, num_classes=config.num_classes)
         logits_t, end_points_t = network_fn(images, **config.net_kwargs)
         _assert_inference_graph(config_name, graph)
         variables = tf.global_variables()
@@ -201,7 +305,7 @@ def make_fixture(env: Any, config_name: str, config: FixtureConfig, out_dir: Pat
     for ep_name, value in fetched["end_points"].items():
         assert np.all(np.isfinite(value)), f"{config_name}: end point {ep_name} is not finite"
     model_kwargs = {"num_classes": config.num_classes, **_partial_keywords(
-        env.nets_factory.networks_map[config.model_name]), **config.net_kwargs}
+        _networks_map_entry(env, config.model_name)), **config.net_kwargs}
     versions = {key: str(value) for key, value in env.versions.items()}
     path = write_golden(out_dir / f"{config_name}.npz", config_name=config_name, model_name=config.model_name,
                         model_kwargs=model_kwargs, seed=seed, input_seed=seed, inputs=inputs,
@@ -234,6 +338,12 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in CONFIGS]
     if unknown:
         parser.error(f"unknown config(s) {unknown}; see --list")
+    if args.nets == "all":
+        elsewhere = _mobilenet_v3_configs_elsewhere(names, args.slim_src)
+        if elsewhere:
+            print(f"skipping {len(elsewhere)} MobileNet v3 config(s) that need another --slim_src "
+                  "(tools/tf_reference/README.md, section 5)")
+        names = [name for name in names if name not in elsewhere]
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     env = load_slim(args.slim_src)

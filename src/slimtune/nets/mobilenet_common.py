@@ -162,19 +162,29 @@ class ExpandedConv(nn.Module):
                  inner_activation: Activation = relu6_, depthwise_activation: Activation = relu6_,
                  project_activation: Activation = None,
                  expansion_transform: Optional[tuple[str, nn.Module]] = None, padding: str = "SAME",
-                 depthwise_channel_multiplier: int = 1, end_point_prefix: str = "") -> None:
+                 depthwise_channel_multiplier: int = 1, end_point_prefix: str = "",
+                 depthwise_location: Optional[str] = "expansion", expansion_kernel_size: int = 1,
+                 expansion_stride: int = 1) -> None:
         super().__init__()
+        if depthwise_location not in ("expansion", None):
+            raise ConfigError(f"expanded_conv: depthwise_location={depthwise_location!r} is not supported "
+                              "(slimtune builds 'expansion' and None)")
         self.in_channels, self.out_channels = in_channels, out_channels
         self.expand = None
         inner = in_channels
         if expansion_size > in_channels:
-            self.expand = Conv2d(in_channels, expansion_size, 1, padding="VALID", normalizer=norm,
+            # expansion_kernel_size/stride > 1: the EdgeTPU's fused block (slim's expansion_fn =
+            # conv2d(kernel_size=k, stride=s)), which strides in the expansion, not the depthwise.
+            self.expand = Conv2d(in_channels, expansion_size, expansion_kernel_size, expansion_stride,
+                                 padding="VALID" if expansion_kernel_size == 1 else padding, normalizer=norm,
                                  activation=inner_activation)
             inner = expansion_size
-        self.depthwise = DepthwiseConv2d(inner, kernel_size, stride, padding=padding, rate=rate,
-                                         depth_multiplier=depthwise_channel_multiplier, normalizer=norm,
-                                         activation=depthwise_activation)
-        inner *= depthwise_channel_multiplier
+        self.depthwise = None
+        if depthwise_location == "expansion":
+            self.depthwise = DepthwiseConv2d(inner, kernel_size, stride, padding=padding, rate=rate,
+                                             depth_multiplier=depthwise_channel_multiplier, normalizer=norm,
+                                             activation=depthwise_activation)
+            inner *= depthwise_channel_multiplier
         self._transform_name = None
         if expansion_transform is not None:
             self._transform_name, transform = expansion_transform
@@ -196,9 +206,10 @@ class ExpandedConv(nn.Module):
             net = self.expand(net)
             if end_points is not None:
                 end_points[self.expansion_end_point] = net
-        net = self.depthwise(net)
-        if end_points is not None:
-            end_points[self.depthwise_end_point] = net
+        if self.depthwise is not None:
+            net = self.depthwise(net)
+            if end_points is not None:
+                end_points[self.depthwise_end_point] = net
         if self._transform_name is not None:
             net = self._modules[self._transform_name](net)
         net = self.project(net)
@@ -244,11 +255,51 @@ class ExpandedConvOp:
     #: Given the expanded width, returns (scope name, module) run after the depthwise conv.
     expansion_transform: Optional[Callable[[int], tuple[str, nn.Module]]] = None
     scale_depth: bool = True
+    #: EdgeTPU's mbv3_fused: a kernel_size x kernel_size expansion conv with the block's own stride
+    #: (kept even past output_stride, as slim's functools.partial keeps it) and no depthwise conv.
+    fused: bool = False
 
     scope_base = "expanded_conv"
 
 
-Op = Union[ConvOp, ExpandedConvOp]
+@dataclass(frozen=True)
+class ReduceTo1x1Op:
+    """MobileNet v3's op(reduce_to_1x1, default_size=7, stride=1, padding='VALID'): an average pool
+    over the whole map when it is square, else a default_size window (stride 1, VALID)."""
+
+    default_size: int = 7
+    stride: int = 1
+    kernel_size = None   # slim passes no kernel_size: an atrous rate would reach avg_pool2d
+
+    scope_base = "AvgPool2D"
+
+
+Op = Union[ConvOp, ExpandedConvOp, ReduceTo1x1Op]
+
+
+class ReduceTo1x1(nn.Module):
+    """slim mobilenet_v3's reduce_to_1x1: the map's static (height, width) picks the window --
+    the whole map when square, else default_size x default_size (stride 1, VALID), which TF
+    rejects for a non-square map with a side below default_size (here a ConfigError)."""
+
+    def __init__(self, default_size: int = 7) -> None:
+        super().__init__()
+        self.default_size = int(default_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Average-pool to 1x1 (square maps) or by the default window."""
+        height, width = x.shape[-2:]
+        if height == width:
+            return x.mean(dim=(2, 3), keepdim=True)
+        if min(height, width) < self.default_size:
+            raise ConfigError(f"reduce_to_1x1: a non-square {height}x{width} feature map is pooled by slim's "
+                              f"default {self.default_size}x{self.default_size} VALID window, which does not "
+                              f"fit; use a square input or one whose last feature map is at least "
+                              f"{self.default_size} on each side")
+        return F.avg_pool2d(x, self.default_size, 1)
+
+    def extra_repr(self) -> str:
+        return f"default_size={self.default_size}"
 
 
 @dataclass(frozen=True)
@@ -281,8 +332,11 @@ def build_trunk(ops: Sequence[Op], in_channels: int, multiplier: float, *, divis
     layers: list[TrunkLayer] = []
     channels = in_channels
     for index, op in enumerate(ops):
-        depth = (scaled_depth(op.num_outputs, multiplier, divisible_by, min_depth) if op.scale_depth
-                 else int(op.num_outputs))
+        if isinstance(op, ReduceTo1x1Op):
+            depth = channels
+        else:
+            depth = (scaled_depth(op.num_outputs, multiplier, divisible_by, min_depth) if op.scale_depth
+                     else int(op.num_outputs))
         if output_stride is not None and current_stride == output_stride:
             layer_stride, layer_rate = 1, rate
             rate *= op.stride
@@ -295,7 +349,15 @@ def build_trunk(ops: Sequence[Op], in_channels: int, multiplier: float, *, divis
         scope_counts[op.scope_base] = count + 1
         scope = op.scope_base if count == 0 else f"{op.scope_base}_{count}"
         end_point = f"layer_{index + 1}"
-        if isinstance(op, ConvOp):
+        if isinstance(op, ReduceTo1x1Op):
+            if layer_rate > 1:
+                # slim hands the rate to slim.avg_pool2d, which has no such argument (TypeError).
+                raise ConfigError(f"output_stride={output_stride}: slim's {op.scope_base} layer ({end_point}) "
+                                  "would get an atrous rate, which slim.avg_pool2d cannot take; this net "
+                                  "needs output_stride=None (or one it never reaches)")
+            module = ReduceTo1x1(op.default_size)
+            records = False
+        elif isinstance(op, ConvOp):
             act = activation if op.activation == "default" else op.activation
             # A 1x1 kernel never pads: VALID is the same and skips per-call padding arithmetic.
             module: nn.Module = Conv2d(channels, depth, op.kernel_size, layer_stride,
@@ -306,13 +368,22 @@ def build_trunk(ops: Sequence[Op], in_channels: int, multiplier: float, *, divis
             inner_act = activation if op.inner_activation == "default" else op.inner_activation
             depthwise_act = inner_act if op.depthwise_activation == "default" else op.depthwise_activation
             expansion_size = op.expansion(channels)
+            if (op.fused and layer_stride != op.stride and op.residual and depth == channels
+                    and expansion_size > channels):
+                # slim's fused conv keeps its stride past output_stride while the residual test
+                # sees stride 1: TF then adds maps of different sizes and fails to build.
+                raise ConfigError(f"output_stride={output_stride}: slim cannot build {scope} ({end_point}): its "
+                                  f"fused conv keeps stride {op.stride} but the residual is still added; "
+                                  "use a larger output_stride")
             width = expansion_size if expansion_size > channels else channels
             transform = op.expansion_transform(width) if op.expansion_transform is not None else None
             module = ExpandedConv(channels, depth, expansion_size, op.kernel_size, layer_stride, layer_rate,
                                   residual=op.residual, norm=norm, inner_activation=inner_act,
                                   depthwise_activation=depthwise_act, project_activation=op.project_activation,
                                   expansion_transform=transform, padding=padding,
-                                  end_point_prefix=f"{end_point}/")
+                                  end_point_prefix=f"{end_point}/",
+                                  **(dict(depthwise_location=None, expansion_kernel_size=op.kernel_size,
+                                          expansion_stride=op.stride) if op.fused else {}))
             records = True
         layers.append(TrunkLayer(scope, end_point, module, records))
         channels = depth
