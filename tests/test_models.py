@@ -44,9 +44,14 @@ def _meta(name: str, num_classes: int | None = None, **kwargs) -> SlimNet:
 
 
 @functools.lru_cache(maxsize=None)
+def _built(name: str, num_classes: int | None = None) -> tuple[str, dict[str, tuple[int, ...]]]:
+    """(class name, state_dict names -> shapes in order) of a fresh meta build, built once."""
+    model = _meta(name, num_classes)
+    return type(model).__qualname__, {key: tuple(value.shape) for key, value in model.state_dict().items()}
+
+
 def _shapes(name: str, num_classes: int | None = None) -> dict[str, tuple[int, ...]]:
-    """state_dict names -> shapes of a fresh meta build (in state_dict order)."""
-    return {key: tuple(value.shape) for key, value in _meta(name, num_classes).state_dict().items()}
+    return _built(name, num_classes)[1]
 
 
 def _param_count(name: str) -> int:
@@ -58,7 +63,7 @@ def _value_test_names() -> set[str]:
     anything above VALUE_TEST_MAX_PARAMS, run with -m slow (the same code with other widths)."""
     smallest: dict[str, str] = {}
     for name in list_models():
-        family = type(_meta(name)).__qualname__
+        family = _built(name)[0]
         if family not in smallest or _param_count(name) < _param_count(smallest[family]):
             smallest[family] = name
     return {name for name in smallest.values() if _param_count(name) <= VALUE_TEST_MAX_PARAMS}
