@@ -630,3 +630,18 @@ def test_npy_found_by_fuzzing_that_allocated_330_mb(tmp_path: Path) -> None:
     grown, outcome = _read_under_memory_cap(path)
     assert outcome.startswith("ERROR") and "corrupt pickled dict" in outcome
     assert grown < 32 << 20, grown
+
+
+def test_pth_stored_member_with_two_sizes_is_refused(tmp_path: Path) -> None:
+    # Found by fuzzing: a central directory compressed size of 0xFFFFFFFF on a stored 8-byte
+    # record; zipfile read it, torch.load (without mmap) refuses it, and so do we.
+    _torch_file(tmp_path / "good.pth")
+    data = bytearray((tmp_path / "good.pth").read_bytes())
+    with zipfile.ZipFile(tmp_path / "good.pth") as archive:
+        name = next(i.filename for i in archive.infolist() if i.filename.endswith("/data/1")).encode()
+    entry = data.index(b"PK\x01\x02")                       # walk the central directory to the entry
+    while data[entry + 46:entry + 46 + len(name)] != name:
+        entry = data.index(b"PK\x01\x02", entry + 4)
+    data[entry + 20:entry + 24] = b"\xff\xff\xff\xff"
+    (tmp_path / "sizes.pth").write_bytes(bytes(data))
+    fails(tmp_path / "sizes.pth", "two different sizes|impossible|damaged")

@@ -281,7 +281,11 @@ def _check_torch_zip(path: Path, verify_crc: bool = True) -> None:
     try:
         with zipfile.ZipFile(path) as archive:
             members = archive.infolist()
+            _check_zip_layout(archive, path)
             for member in members:
+                if member.compress_type == zipfile.ZIP_STORED and member.compress_size != member.file_size:
+                    raise CheckpointError(f"{path}: zip member {member.filename} is stored with two different "
+                                          f"sizes ({member.compress_size} and {member.file_size})")
                 if member.compress_type != zipfile.ZIP_STORED \
                         and member.file_size > _MAX_DEFLATE_RATIO * member.compress_size + 4096:
                     raise CheckpointError(f"{path}: zip member {member.filename} claims an impossible size")
