@@ -463,7 +463,6 @@ def test_fuzzed_fixtures_fail_cleanly_or_read_correctly(tmp_path: Path, target: 
     truth = read_all(FIXTURES / path)
     rng = random.Random(f"fuzz-{target}")
     outcomes = {"error": 0, "correct": 0}
-    slowest = 0.0
     for iteration in range(100):
         work = tmp_path / f"it{iteration}"
         for file in files:
@@ -471,7 +470,6 @@ def test_fuzzed_fixtures_fail_cleanly_or_read_correctly(tmp_path: Path, target: 
             shutil.copy(FIXTURES / file, work / file)
         victim = work / rng.choice(files)
         victim.write_bytes(mutate(victim.read_bytes(), rng))
-        start = time.perf_counter()
         try:
             got = read_all(work / path)
         except CheckpointError:
@@ -483,9 +481,7 @@ def test_fuzzed_fixtures_fail_cleanly_or_read_correctly(tmp_path: Path, target: 
                 assert list(got[name].reshape(-1)) == list(value.reshape(-1)) or np.array_equal(
                     got[name], value, equal_nan=value.dtype.kind in "fc"), (iteration, name)
             outcomes["correct"] += 1
-        slowest = max(slowest, time.perf_counter() - start)
         shutil.rmtree(work)
-    assert slowest < 1.0
     assert outcomes["error"] > 50, outcomes   # the damage is real, and is detected
 
 
