@@ -645,3 +645,23 @@ def test_pth_stored_member_with_two_sizes_is_refused(tmp_path: Path) -> None:
     data[entry + 20:entry + 24] = b"\xff\xff\xff\xff"
     (tmp_path / "sizes.pth").write_bytes(bytes(data))
     fails(tmp_path / "sizes.pth", "two different sizes|impossible|damaged")
+
+
+def test_manifest_paths_too_long_or_with_nul_are_counted_missing(tmp_path: Path) -> None:
+    # Found by fuzzing: Path.is_file raised "File name too long" instead of answering.
+    from slimtune.data.manifest import ManifestSource
+
+    _tiny_images(tmp_path, 2)
+    (tmp_path / "m.csv").write_text("0.png,0\n" + "x" * 300 + ".png,1\nbad\x00name.png,0\n1.png,1\n")
+    source = ManifestSource(tmp_path / "m.csv")
+    assert [p.name for p in source.paths] == ["0.png", "1.png"] and source.targets() == [0, 1]
+    assert [number for number, _ in source.missing] == [2, 3]
+
+
+def test_voc_image_set_with_an_overlong_id_is_one_line(tmp_path: Path) -> None:
+    from slimtune.data.voc import VOCSource
+
+    voc = _voc_tree(tmp_path, ids=b"000001\n" + b"9" * 300 + b"\n")
+    with pytest.raises(DataError, match="1 of the 2 images listed in train.txt are missing") as caught:
+        VOCSource(voc, split="train")
+    assert "\n" not in str(caught.value)

@@ -176,6 +176,15 @@ def _index(label: Label) -> int:
     return label if isinstance(label, int) else parse_label_id(label)  # type: ignore[return-value]
 
 
+def _is_file(path: Path) -> bool:
+    """Path.is_file, with a name too long for the file system or holding a NUL byte counted as
+    missing (is_file raises for those instead of answering)."""
+    try:
+        return path.is_file()
+    except (OSError, ValueError):
+        return False
+
+
 def find_manifest(path: str | os.PathLike) -> Path:
     """The manifest a path means: the file itself, or the one manifest file inside a folder."""
     path = Path(path)
@@ -225,7 +234,7 @@ class ManifestSource(ImageSource):
                 raise DataError(f"{self.manifest}:{line.number}: expected one label, found "
                                 f"{len(indices)} (pass multi_label=True for several)")
             image = Path(line.path) if os.path.isabs(line.path) else self.root / line.path
-            if not image.is_file():
+            if not _is_file(image):
                 self.missing.append((line.number, image))
                 continue
             self.paths.append(image)
