@@ -665,3 +665,13 @@ def test_voc_image_set_with_an_overlong_id_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="1 of the 2 images listed in train.txt are missing") as caught:
         VOCSource(voc, split="train")
     assert "\n" not in str(caught.value)
+
+
+def test_names_with_newlines_stay_on_one_line(tmp_path: Path) -> None:
+    # Found by fuzzing: an npz member name with a newline made a two-line error.
+    with zipfile.ZipFile(tmp_path / "nl.npz", "w") as archive:
+        archive.writestr("a\nb.txt", b"x")
+    fails(tmp_path / "nl.npz", "is not a .npy array")
+    header = {"a\nb": {"dtype": "X9", "shape": [1], "data_offsets": [0, 4]}}
+    (tmp_path / "nl.safetensors").write_bytes(safetensors_bytes(header, b"\0" * 4))
+    fails(tmp_path / "nl.safetensors", "cannot be read")
