@@ -290,7 +290,7 @@ class ManifestSource(ImageSource):
                 raise DataError(f"{self.manifest}:{number}: label index {index} is outside "
                                 f"[0, {len(self.class_names)}) (num_classes {len(self.class_names)})")
             return index
-        raise DataError(f"{self.manifest}:{number}: unknown class '{label}' (known: "
+        raise DataError(f"{self.manifest}:{number}: unknown class {label!r} (known: "
                         f"{', '.join(self.class_names[:8])}{'…' if len(self.class_names) > 8 else ''})")
 
     def __len__(self) -> int:

@@ -200,7 +200,7 @@ class VOCSource(ImageSource):
             path = self.root / "Annotations" / f"{image_id}.xml"
             for obj in read_annotation(path).objects:
                 if obj.name not in column:
-                    raise DataError(f"{path}: unknown VOC class '{obj.name}' (expected one of the "
+                    raise DataError(f"{path}: unknown VOC class {obj.name!r} (expected one of the "
                                     "20 VOC classes)")
                 index = column[obj.name]
                 if not obj.difficult:
