@@ -630,3 +630,48 @@ def test_npy_found_by_fuzzing_that_allocated_330_mb(tmp_path: Path) -> None:
     grown, outcome = _read_under_memory_cap(path)
     assert outcome.startswith("ERROR") and "corrupt pickled dict" in outcome
     assert grown < 32 << 20, grown
+
+
+def test_pth_stored_member_with_two_sizes_is_refused(tmp_path: Path) -> None:
+    # Found by fuzzing: a central directory compressed size of 0xFFFFFFFF on a stored 8-byte
+    # record; zipfile read it, torch.load (without mmap) refuses it, and so do we.
+    _torch_file(tmp_path / "good.pth")
+    data = bytearray((tmp_path / "good.pth").read_bytes())
+    with zipfile.ZipFile(tmp_path / "good.pth") as archive:
+        name = next(i.filename for i in archive.infolist() if i.filename.endswith("/data/1")).encode()
+    entry = data.index(b"PK\x01\x02")                       # walk the central directory to the entry
+    while data[entry + 46:entry + 46 + len(name)] != name:
+        entry = data.index(b"PK\x01\x02", entry + 4)
+    data[entry + 20:entry + 24] = b"\xff\xff\xff\xff"
+    (tmp_path / "sizes.pth").write_bytes(bytes(data))
+    fails(tmp_path / "sizes.pth", "two different sizes|impossible|damaged")
+
+
+def test_manifest_paths_too_long_or_with_nul_are_counted_missing(tmp_path: Path) -> None:
+    # Found by fuzzing: Path.is_file raised "File name too long" instead of answering.
+    from slimtune.data.manifest import ManifestSource
+
+    _tiny_images(tmp_path, 2)
+    (tmp_path / "m.csv").write_text("0.png,0\n" + "x" * 300 + ".png,1\nbad\x00name.png,0\n1.png,1\n")
+    source = ManifestSource(tmp_path / "m.csv")
+    assert [p.name for p in source.paths] == ["0.png", "1.png"] and source.targets() == [0, 1]
+    assert [number for number, _ in source.missing] == [2, 3]
+
+
+def test_voc_image_set_with_an_overlong_id_is_one_line(tmp_path: Path) -> None:
+    from slimtune.data.voc import VOCSource
+
+    voc = _voc_tree(tmp_path, ids=b"000001\n" + b"9" * 300 + b"\n")
+    with pytest.raises(DataError, match="1 of the 2 images listed in train.txt are missing") as caught:
+        VOCSource(voc, split="train")
+    assert "\n" not in str(caught.value)
+
+
+def test_names_with_newlines_stay_on_one_line(tmp_path: Path) -> None:
+    # Found by fuzzing: an npz member name with a newline made a two-line error.
+    with zipfile.ZipFile(tmp_path / "nl.npz", "w") as archive:
+        archive.writestr("a\nb.txt", b"x")
+    fails(tmp_path / "nl.npz", "is not a .npy array")
+    header = {"a\nb": {"dtype": "X9", "shape": [1], "data_offsets": [0, 4]}}
+    (tmp_path / "nl.safetensors").write_bytes(safetensors_bytes(header, b"\0" * 4))
+    fails(tmp_path / "nl.safetensors", "cannot be read")

@@ -105,10 +105,10 @@ class SafetensorsReader(CheckpointReader):
                 raise CheckpointError(f"{path}: malformed safetensors entry for {name!r}")
             dtype = SAFETENSORS_DTYPES.get(code)
             if dtype is None:
-                raise CheckpointError(f"{path}: {name} has safetensors dtype {code}, which cannot be read")
+                raise CheckpointError(f"{path}: {name!r} has safetensors dtype {code}, which cannot be read")
             if not 0 <= begin <= end <= data_size or end - begin != numel(shape) * ITEMSIZE[dtype]:
                 raise CheckpointError(
-                    f"{path}: {name} has data offsets [{begin}, {end}) that do not fit its shape or the file")
+                    f"{path}: {name!r} has data offsets [{begin}, {end}) that do not fit its shape or the file")
             infos[name] = TensorInfo(shape, dtype, end - begin)
             offsets[name] = data_start + begin
             spans.append((begin, end, name))
@@ -117,7 +117,7 @@ class SafetensorsReader(CheckpointReader):
         for begin, end, name in sorted(spans):
             if begin != covered:
                 problem = "overlaps the previous tensor" if begin < covered else f"leaves a gap at byte {covered}"
-                raise CheckpointError(f"{path}: {name} at data offsets [{begin}, {end}) {problem}")
+                raise CheckpointError(f"{path}: {name!r} at data offsets [{begin}, {end}) {problem}")
             covered = end
         if covered != data_size:
             raise CheckpointError(f"{path}: the tensors cover {covered} of the {data_size} data bytes "
@@ -281,10 +281,14 @@ def _check_torch_zip(path: Path, verify_crc: bool = True) -> None:
     try:
         with zipfile.ZipFile(path) as archive:
             members = archive.infolist()
+            _check_zip_layout(archive, path)
             for member in members:
+                if member.compress_type == zipfile.ZIP_STORED and member.compress_size != member.file_size:
+                    raise CheckpointError(f"{path}: zip member {member.filename!r} is stored with two different "
+                                          f"sizes ({member.compress_size} and {member.file_size})")
                 if member.compress_type != zipfile.ZIP_STORED \
                         and member.file_size > _MAX_DEFLATE_RATIO * member.compress_size + 4096:
-                    raise CheckpointError(f"{path}: zip member {member.filename} claims an impossible size")
+                    raise CheckpointError(f"{path}: zip member {member.filename!r} claims an impossible size")
                 if verify_crc:
                     with archive.open(member) as stream:   # zipfile checks the CRC-32 at the end
                         while stream.read(1 << 22):
@@ -304,11 +308,11 @@ def _check_torch_zip(path: Path, verify_crc: bool = True) -> None:
                 record = f"{prefix}data/{key}"
                 itemsize = _STORAGE_ITEMSIZE.get(kind)
                 if record not in sizes:
-                    raise CheckpointError(f"{path}: storage record {record} is missing")
+                    raise CheckpointError(f"{path}: storage record {record!r} is missing")
                 if itemsize is None or type(count) is not int or count < 0:
                     continue   # a storage type we do not know: torch.load decides
                 if sizes[record] != count * itemsize:
-                    raise CheckpointError(f"{path}: storage record {record} holds {sizes[record]} bytes, "
+                    raise CheckpointError(f"{path}: storage record {record!r} holds {sizes[record]} bytes, "
                                           f"its tensor data needs {count * itemsize}")
     except CheckpointError:
         raise
@@ -397,6 +401,11 @@ _SAFE_GLOBALS = {
 }
 
 
+def _one_line(text: object) -> str:
+    """Text from a file, safe inside a one-line message (control characters escaped)."""
+    return str(text).encode("unicode_escape", "backslashreplace").decode("ascii")[:200]
+
+
 class _NdarrayToken:
     """Stands for `numpy.ndarray` in a pickle: calling it is an error, not an allocation."""
 
@@ -474,7 +483,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
             return _NDARRAY_TOKEN   # only ever an argument of _reconstruct, never called
         if module.startswith("numpy.dtypes") and name.endswith("DType"):
             return super().find_class(module, name)
-        raise CheckpointError(f"refusing to unpickle {module}.{name}: only numpy arrays are allowed in a weights .npy")
+        raise CheckpointError(f"refusing to unpickle {_one_line(module)}.{_one_line(name)}: only numpy arrays are allowed in a weights .npy")
 
     def persistent_load(self, pid: Any) -> Any:
         raise CheckpointError("refusing a pickle with persistent references in a weights .npy")
@@ -584,7 +593,7 @@ def _check_zip_layout(archive: zipfile.ZipFile, path: Path) -> None:
         handle.seek(member.header_offset)
         local = handle.read(30)
         if len(local) < 30 or local[:4] != b"PK\x03\x04":
-            raise CheckpointError(f"{path}: damaged zip: no local header for {member.filename}")
+            raise CheckpointError(f"{path}: damaged zip: no local header for {member.filename!r}")
         name_length, extra_length = struct.unpack("<2H", local[26:30])
         position = member.header_offset + 30 + name_length + extra_length + member.compress_size
         if member.flag_bits & 0x08:   # a data descriptor follows the data
@@ -724,7 +733,7 @@ class NumpyReader(CheckpointReader):
             _check_zip_layout(archive, path)
             for member in members:
                 if not member.filename.endswith(".npy"):
-                    raise CheckpointError(f"{path}: zip member {member.filename} is not a .npy array")
+                    raise CheckpointError(f"{path}: zip member {member.filename!r} is not a .npy array")
                 name = member.filename[: -len(".npy")]
                 with archive.open(member) as stream:
                     shape, dtype, fortran = _read_npy_header_full(stream)
@@ -733,13 +742,13 @@ class NumpyReader(CheckpointReader):
                 ratio_bound = member.compress_size if member.compress_type == zipfile.ZIP_STORED \
                     else _MAX_DEFLATE_RATIO * member.compress_size + 4096
                 if numel(shape) * dtype.itemsize > min(member.file_size, ratio_bound):
-                    raise CheckpointError(f"{path}: {name} declares more data than its archive member holds")
+                    raise CheckpointError(f"{path}: {name!r} declares more data than its archive member holds")
                 if dtype.kind == "O":
                     raise CheckpointError(
-                        f"{path}: {name} is a pickled object array; .npz weights must be plain arrays")
+                        f"{path}: {name!r} is a pickled object array; .npz weights must be plain arrays")
                 dtype_name = _numpy_dtype_name(dtype)
                 if dtype_name is None:
-                    raise CheckpointError(f"{path}: {name} has numpy dtype {dtype}, which is not supported")
+                    raise CheckpointError(f"{path}: {name!r} has numpy dtype {dtype}, which is not supported")
                 infos[name] = TensorInfo(tuple(shape), dtype_name, numel(shape) * dtype.itemsize)
                 self._members[name] = (member, fortran)
         except CheckpointError:
@@ -772,16 +781,16 @@ class NumpyReader(CheckpointReader):
                     got += count
                 # Reading to the member's end is what makes zipfile compare its CRC-32.
                 if got != len(target) or stream.read(1):
-                    raise CheckpointError(f"{self.path}: {name} holds {'less' if got < len(target) else 'more'} "
+                    raise CheckpointError(f"{self.path}: {name!r} holds {'less' if got < len(target) else 'more'} "
                                           f"data than its header declares")
         except CheckpointError:
             raise
         except _ZIP_ERRORS as exc:
-            raise CheckpointError(f"{self.path}: cannot read {name} ({type(exc).__name__}: {exc})") from None
+            raise CheckpointError(f"{self.path}: cannot read {name!r} ({type(exc).__name__}: {exc})") from None
         if fortran:
             array = array.T
         if tuple(array.shape) != info.shape:
-            raise CheckpointError(f"{self.path}: {name} changed shape between reads")
+            raise CheckpointError(f"{self.path}: {name!r} changed shape between reads")
         if not array.flags.c_contiguous:
             array = array.copy(order="C")   # (np.ascontiguousarray would make a 0-d array 1-d)
         return _as_plain_array(array, name, self.path)

@@ -178,6 +178,15 @@ def _index(label: Label) -> int:
     return label if isinstance(label, int) else parse_label_id(label)  # type: ignore[return-value]
 
 
+def _is_file(path: Path) -> bool:
+    """Path.is_file, with a name too long for the file system or holding a NUL byte counted as
+    missing (is_file raises for those instead of answering)."""
+    try:
+        return path.is_file()
+    except (OSError, ValueError):
+        return False
+
+
 def find_manifest(path: str | os.PathLike) -> Path:
     """The manifest a path means: the file itself, or the one manifest file inside a folder."""
     path = Path(path)
@@ -233,7 +242,7 @@ class ManifestSource(ImageSource):
             if not self.multi_label and len(indices) != 1:
                 raise DataError(self._single_label_error(line, len(indices)))
             image = Path(line.path) if os.path.isabs(line.path) else self.root / line.path
-            if not image.is_file():
+            if not _is_file(image):
                 self.missing.append((line.number, image))
                 continue
             self.paths.append(image)
@@ -299,7 +308,7 @@ class ManifestSource(ImageSource):
                 raise DataError(f"{self.manifest}:{number}: label index {index} is outside "
                                 f"[0, {len(self.class_names)}) (num_classes {len(self.class_names)})")
             return index
-        raise DataError(f"{self.manifest}:{number}: unknown class '{label}' (known: "
+        raise DataError(f"{self.manifest}:{number}: unknown class {label!r} (known: "
                         f"{', '.join(self.class_names[:8])}{'…' if len(self.class_names) > 8 else ''})")
 
     def __len__(self) -> int:

@@ -132,6 +132,14 @@ def is_voc_root(path: str | os.PathLike, year: str = "2007") -> bool:
     return True
 
 
+def _is_file(path: Path) -> bool:
+    """Path.is_file, answering False for names too long for the file system or holding NUL."""
+    try:
+        return path.is_file()
+    except (OSError, ValueError):
+        return False
+
+
 def _read_text(path: Path) -> str:
     """A VOC list file's text; DataError naming the file when it is not UTF-8."""
     try:
@@ -175,7 +183,7 @@ class VOCSource(ImageSource):
         if not self.ids:
             raise DataError(f"VOC split list {split_file} is empty")
         missing = [image_id for image_id in self.ids
-                   if not (self.root / "JPEGImages" / f"{image_id}.jpg").is_file()]
+                   if not _is_file(self.root / "JPEGImages" / f"{image_id}.jpg")]
         if missing:
             raise DataError(f"{len(missing)} of the {len(self.ids)} images listed in {split_file.name} "
                             f"are missing from {self.root / 'JPEGImages'} (first: {missing[0]}.jpg); "
@@ -192,7 +200,7 @@ class VOCSource(ImageSource):
             path = self.root / "Annotations" / f"{image_id}.xml"
             for obj in read_annotation(path).objects:
                 if obj.name not in column:
-                    raise DataError(f"{path}: unknown VOC class '{obj.name}' (expected one of the "
+                    raise DataError(f"{path}: unknown VOC class {obj.name!r} (expected one of the "
                                     "20 VOC classes)")
                 index = column[obj.name]
                 if not obj.difficult:
