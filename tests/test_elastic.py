@@ -46,7 +46,7 @@ def _command(train_dir: Path, max_restarts: int) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
             "--max_restarts", str(max_restarts), "-m", "slimtune.cli", "train", "--model_name", "lenet",
             "--dataset_name", "digits", "--train_dir", str(train_dir), "--max_number_of_steps", str(STEPS),
-            "--batch_size", "8", "--num_workers", "0", "--optimizer", "sgd", "--learning_rate", "0.05",
+            "--batch_size", "8", "--num_workers", "0", "--optimizer", "sgd", "--learning_rate", "0.01",
             "--save_every_n_steps", "5", "--log_every_n_steps", "5"]
 
 

@@ -27,7 +27,7 @@ def _free_port() -> int:
 def _train_args(train_dir: Path) -> list[str]:
     return ["-m", "slimtune.cli", "train", "--model_name", "lenet", "--dataset_name", "digits", "--train_dir",
             str(train_dir), "--max_number_of_steps", str(STEPS), "--batch_size", "8", "--num_workers", "0",
-            "--optimizer", "sgd", "--learning_rate", "0.05", "--deterministic"]
+            "--optimizer", "sgd", "--learning_rate", "0.01", "--deterministic"]
 
 
 @pytest.mark.slow
