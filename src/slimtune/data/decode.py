@@ -18,6 +18,7 @@ Two entry points:
 from __future__ import annotations
 
 import io
+import re
 import math
 from pathlib import Path
 from typing import Any, NamedTuple, Optional
@@ -43,7 +44,20 @@ def _bad_image(payload: Any, description: str, error: BaseException) -> BadImage
     if isinstance(error, FileNotFoundError):
         return BadImageError(f"{description or payload}: file not found")
     name = description or ("image bytes" if isinstance(payload, (bytes, bytearray, memoryview)) else str(payload))
-    return BadImageError(f"{name}: cannot decode image ({error})")
+    if _is_empty(payload):
+        return BadImageError(f"{name}: empty file (0 bytes)")
+    # PIL's message names an internal BytesIO object, which tells the user nothing.
+    reason = re.sub(r" <_io\.BytesIO object at 0x[0-9a-f]+>", "", str(error))
+    return BadImageError(f"{name}: cannot decode image ({reason})")
+
+
+def _is_empty(payload: Any) -> bool:
+    if isinstance(payload, (bytes, bytearray, memoryview)):
+        return len(payload) == 0
+    try:
+        return Path(payload).stat().st_size == 0
+    except (OSError, TypeError, ValueError):
+        return False
 
 
 def _open(payload: bytes | str | Path) -> Image.Image:
