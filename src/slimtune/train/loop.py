@@ -232,7 +232,10 @@ def _train(config: TrainConfig, runtime: Runtime) -> TrainResult:
         model.to(memory_format=torch.channels_last)
     module: nn.Module = model
     if runtime.distributed:
-        module = DistributedDataParallel(model, device_ids=[runtime.device] if runtime.device.type == "cuda" else None)
+        # DDP wraps a module whose forward is forward_endpoints: the same forward, end points (aux
+        # heads) included, as a single process runs, and DDP's gradient hooks see all of it.
+        module = DistributedDataParallel(_EndpointsForward(model),
+                                         device_ids=[runtime.device] if runtime.device.type == "cuda" else None)
 
     # Input pipeline.
     image_size = config.train_image_size or spec.default_image_size
@@ -553,12 +556,29 @@ def _latest_name(train_dir: Path) -> str:
     return latest.weights.name if latest else "none yet"
 
 
-def _forward(module: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, dict]:
+def _endpoints(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, dict]:
     """Logits and end points; plain modules without forward_endpoints give no end points."""
-    target = module.module if isinstance(module, DistributedDataParallel) else module
-    if hasattr(target, "forward_endpoints") and not isinstance(module, DistributedDataParallel):
-        return target.forward_endpoints(images)
-    return module(images), {}
+    if hasattr(model, "forward_endpoints"):
+        return model.forward_endpoints(images)
+    return model(images), {}
+
+
+class _EndpointsForward(nn.Module):
+    """forward(images) -> (logits, end points): the module DistributedDataParallel wraps."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        return _endpoints(self.model, images)
+
+
+def _forward(module: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """Logits and end points, the same way with and without DDP (aux heads do not vanish under DDP)."""
+    if isinstance(module, DistributedDataParallel):
+        return module(images)
+    return _endpoints(module, images)
 
 
 def _shared_images(train_source: Any, eval_source: Any) -> int:
