@@ -64,6 +64,29 @@ def test_sigterm_saves_the_step_boundary_and_the_resumed_run_is_bit_identical(tm
     assert _same_weights(straight.checkpoint, resumed.checkpoint)
 
 
+class _TwoSignalsWhenLogged(_SignalWhenLogged):
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage().startswith(self.prefix):
+            os.kill(os.getpid(), self.signum)
+            os.kill(os.getpid(), self.signum)
+
+
+def test_a_second_signal_stops_at_once_without_saving(tmp_path, capsys):
+    train(_config(tmp_path, max_number_of_steps=4, log_every_n_steps=2, save_every_n_steps=2))
+    handler = _TwoSignalsWhenLogged("step 6:", signal.SIGHUP)
+    logger = logging.getLogger("slimtune.train")
+    logger.addHandler(handler)
+    try:
+        with pytest.raises(TrainingInterrupted) as raised:
+            train(_config(tmp_path, max_number_of_steps=12, log_every_n_steps=2, save_every_n_steps=8))
+    finally:
+        logger.removeHandler(handler)
+    assert raised.value.immediate and raised.value.signum == signal.SIGHUP
+    assert ckpt.latest_checkpoint(tmp_path).step == 4  # nothing saved at step 6
+    assert ("Stopped by a second SIGHUP without saving; the last checkpoint (model.ckpt-4.safetensors) is intact"
+            in capsys.readouterr().err)
+
+
 # ---- real processes, signalled from outside at an arbitrary moment (slow: three runs each) ----
 
 def _command(train_dir: Path, steps: int) -> list[str]:
