@@ -137,3 +137,27 @@ def test_a_signalled_cli_run_resumes_to_the_same_weights(tmp_path, straight_run,
     assert again.returncode == 0, again.stderr[-2000:]
     assert f"Resumed from model.ckpt-{saved.step}.safetensors at step {saved.step}" in again.stderr
     assert _same_weights(straight_run, tmp_path / f"model.ckpt-{STEPS}.safetensors")
+
+
+@pytest.mark.slow
+def test_ctrl_c_to_the_process_group_with_workers_saves_and_resumes(tmp_path, straight_run):
+    # A terminal's Ctrl-C (and SLURM's SIGTERM) reaches the DataLoader workers too; only the main
+    # process acts on it. The loader's per-sample seeding makes worker count irrelevant to the result.
+    command = [*_command(tmp_path, STEPS)]
+    command[command.index("--num_workers") + 1] = "2"
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=_env(),
+                               start_new_session=True)
+    seen = []
+    for line in process.stderr:
+        seen.append(line)
+        if line.startswith("step 10:"):
+            os.killpg(process.pid, signal.SIGINT)
+            break
+    _, rest = process.communicate(timeout=600)
+    stderr = "".join(seen) + rest
+    assert process.returncode == 130 and "Traceback" not in stderr, stderr[-3000:]
+    saved = ckpt.latest_checkpoint(tmp_path)
+    assert 10 <= saved.step < STEPS
+    again = subprocess.run(command, capture_output=True, text=True, env=_env(), timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert _same_weights(straight_run, tmp_path / f"model.ckpt-{STEPS}.safetensors")
