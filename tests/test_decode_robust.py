@@ -62,7 +62,7 @@ def test_garbage_bytes_are_a_bad_image(payload):
 
 
 def test_empty_payload_says_empty_file():
-    with pytest.raises(BadImageError, match="^image bytes: empty file$"):
+    with pytest.raises(BadImageError, match=r"^image bytes: empty file \(0 bytes\)$"):
         decode_image(b"")
 
 

@@ -549,7 +549,7 @@ def test_on_bad_image_fail_with_workers_is_one_line_naming_the_file(tmp_path: Pa
         list(loader)
     message = str(caught.value)
     assert "\n" not in message and "Traceback" not in message
-    assert message.endswith("empty.jpg: empty file") or "empty.jpg (m.csv:2): empty file" in message
+    assert message.endswith("empty.jpg: empty file (0 bytes)") or "empty.jpg (m.csv:2): empty file (0 bytes)" in message
 
 
 def test_npz_scalar_arrays_keep_their_shape(tmp_path: Path) -> None:

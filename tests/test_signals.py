@@ -64,6 +64,29 @@ def test_sigterm_saves_the_step_boundary_and_the_resumed_run_is_bit_identical(tm
     assert _same_weights(straight.checkpoint, resumed.checkpoint)
 
 
+class _TwoSignalsWhenLogged(_SignalWhenLogged):
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage().startswith(self.prefix):
+            os.kill(os.getpid(), self.signum)
+            os.kill(os.getpid(), self.signum)
+
+
+def test_a_second_signal_stops_at_once_without_saving(tmp_path, capsys):
+    train(_config(tmp_path, max_number_of_steps=4, log_every_n_steps=2, save_every_n_steps=2))
+    handler = _TwoSignalsWhenLogged("step 6:", signal.SIGHUP)
+    logger = logging.getLogger("slimtune.train")
+    logger.addHandler(handler)
+    try:
+        with pytest.raises(TrainingInterrupted) as raised:
+            train(_config(tmp_path, max_number_of_steps=12, log_every_n_steps=2, save_every_n_steps=8))
+    finally:
+        logger.removeHandler(handler)
+    assert raised.value.immediate and raised.value.signum == signal.SIGHUP
+    assert ckpt.latest_checkpoint(tmp_path).step == 4  # nothing saved at step 6
+    assert ("Stopped by a second SIGHUP without saving; the last checkpoint (model.ckpt-4.safetensors) is intact"
+            in capsys.readouterr().err)
+
+
 # ---- real processes, signalled from outside at an arbitrary moment (slow: three runs each) ----
 
 def _command(train_dir: Path, steps: int) -> list[str]:
@@ -113,4 +136,28 @@ def test_a_signalled_cli_run_resumes_to_the_same_weights(tmp_path, straight_run,
     again = subprocess.run(_command(tmp_path, STEPS), capture_output=True, text=True, env=_env(), timeout=600)
     assert again.returncode == 0, again.stderr[-2000:]
     assert f"Resumed from model.ckpt-{saved.step}.safetensors at step {saved.step}" in again.stderr
+    assert _same_weights(straight_run, tmp_path / f"model.ckpt-{STEPS}.safetensors")
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_process_group_with_workers_saves_and_resumes(tmp_path, straight_run):
+    # SLURM's SIGTERM (and a terminal's Ctrl-C) reaches the DataLoader workers too; only the main
+    # process acts on it (workers killed by SIGTERM failed the next batch before the save). The loader's per-sample seeding makes worker count irrelevant to the result.
+    command = [*_command(tmp_path, STEPS)]
+    command[command.index("--num_workers") + 1] = "2"
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=_env(),
+                               start_new_session=True)
+    seen = []
+    for line in process.stderr:
+        seen.append(line)
+        if line.startswith("step 10:"):
+            os.killpg(process.pid, signal.SIGTERM)
+            break
+    _, rest = process.communicate(timeout=600)
+    stderr = "".join(seen) + rest
+    assert process.returncode == 143 and "Traceback" not in stderr, stderr[-3000:]
+    saved = ckpt.latest_checkpoint(tmp_path)
+    assert 10 <= saved.step < STEPS
+    again = subprocess.run(command, capture_output=True, text=True, env=_env(), timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
     assert _same_weights(straight_run, tmp_path / f"model.ckpt-{STEPS}.safetensors")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -131,3 +132,14 @@ def test_a_misspelt_split_is_refused_before_anything_is_written(tmp_path, cats_v
     err = capsys.readouterr().err
     assert "no split 'trian' (did you mean train?); its splits are train, validation" in err
     assert "Traceback" not in err and not (train_dir / "labels.txt").exists()
+
+
+def test_amp_runs_in_bfloat16_on_cpu_and_still_trains(tmp_path):
+    plain = train(lenet_config(tmp_path / "fp32", max_number_of_steps=3, deterministic=True))
+    mixed = train(lenet_config(tmp_path / "amp", max_number_of_steps=3, deterministic=True, amp=True))
+    a, b = load_file(str(plain.checkpoint)), load_file(str(mixed.checkpoint))
+    assert all(t.dtype == torch.float32 for t in b.values())  # master weights stay float32
+    # Autocast really ran (bfloat16 matmuls change the numbers) and the run still trained sensibly.
+    assert not all(torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.allclose(a[k], b[k], atol=5e-2) for k in a)
+    assert math.isfinite(mixed.last_loss)

@@ -269,6 +269,15 @@ def _missing_subcommand(parser: argparse.ArgumentParser) -> int:
     return 2
 
 
+def _one_line(message: str) -> str:
+    """An error raised in a DataLoader worker arrives wrapped in the worker's traceback text; its
+    last line is the error itself ('pkg.ErrorClass: message')."""
+    if "Original Traceback" in message:
+        last = [line for line in message.splitlines() if line.strip()][-1]
+        return last.split(": ", 1)[1] if ": " in last and last.split(": ", 1)[0].endswith("Error") else last
+    return message
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the console script."""
     parser = build_parser()
@@ -282,8 +291,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except SlimtuneError as error:
         if os.environ.get("SLIMTUNE_DEBUG"):
             raise
-        print(f"slimtune: error: {error}", file=sys.stderr)
+        print(f"slimtune: error: {_one_line(str(error))}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader went away (`slimtune models | head -1`): not an error worth a traceback. Point
+        # stdout at /dev/null so the interpreter's final flush does not fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, as a shell reports a writer whose pipe closed
     except KeyboardInterrupt as interrupted:
         # 128 + the signal number, as a shell reports a process ended by it (130 for Ctrl-C,
         # 143 for SIGTERM); training has already said where it saved.

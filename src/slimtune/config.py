@@ -115,6 +115,9 @@ class TrainConfig(DataSettings):
     keep_checkpoint_max: int = _flag(5, "checkpoints kept in train_dir")
     eval_every_n_steps: Optional[int] = _flag(None, "evaluate on --eval_split_name every N steps while training")
     eval_split_name: Optional[str] = _flag(None, "split evaluated during training (default: test, else validation)")
+    validation_fraction: Optional[float] = _flag(None, "hold out this fraction of the training split (the same "
+                                                        "images for a given --seed) and evaluate on it during "
+                                                        "training; it is not trained on")
     seed: int = _flag(0, "random seed (weights, data order, augmentation)")
     deterministic: bool = _flag(False, "deterministic algorithms: a CPU run repeats bit for bit")
     device: str = _flag("auto", "cpu, cuda, cuda:N or auto")
@@ -291,7 +294,7 @@ RANGES: dict[str, tuple[Any, Any]] = {
     "log_every_n_steps": (1, None), "save_every_n_steps": (1, None), "keep_checkpoint_max": (1, None),
     "eval_every_n_steps": (1, None), "save_interval_secs": (0.0, None), "save_summaries_secs": (0.0, None),
     "max_num_batches": (1, None), "eval_interval_secs": (0.0, None), "timeout_secs": (0.0, None),
-    "seed": (0, None),
+    "seed": (0, None), "validation_fraction": ([0.0], [1.0]),
 }
 # Durations where infinity means "never"; every other float must be finite.
 _INFINITE_OK = {"save_interval_secs", "save_summaries_secs", "eval_interval_secs", "timeout_secs"}

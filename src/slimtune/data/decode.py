@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Any, NamedTuple, Optional
@@ -97,8 +98,10 @@ def _bad_image(payload: Any, description: str, error: BaseException) -> BadImage
         return BadImageError(f"{description or payload}: file not found")
     name = description or _payload_name(payload)
     if _is_empty(payload):
-        return BadImageError(f"{name}: empty file")
-    return BadImageError(f"{name}: cannot decode image ({error})")
+        return BadImageError(f"{name}: empty file (0 bytes)")
+    # PIL's message names an internal BytesIO object, which tells the user nothing.
+    reason = re.sub(r" <_io\.BytesIO object at 0x[0-9a-f]+>", "", str(error))
+    return BadImageError(f"{name}: cannot decode image ({reason})")
 
 
 def _is_empty(payload: Any) -> bool:

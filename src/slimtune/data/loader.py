@@ -366,6 +366,14 @@ def _seed_worker(worker_id: int) -> None:
     base = torch.initial_seed() % (2**32)
     np.random.seed(base)
     random.seed(base)
+    # Stop signals are the main process's to act on (it saves at a step boundary, then shuts the
+    # workers down): Ctrl-C and SLURM's SIGTERM reach every process of the group, and a worker that
+    # died of them would fail the main process's next batch before it could save.
+    import signal
+
+    for name in ("SIGINT", "SIGTERM", "SIGHUP"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
 def build_loader(source: ImageSource | StreamSource, transform: Transform, image_size: tuple[int, int], *,

@@ -8,6 +8,7 @@ A run killed at any point resumes from its last checkpoint when the same command
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import platform
@@ -26,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 from .. import __version__
 from ..config import TrainConfig, config_to_dict, dump_config
 from ..data import build_source, resolve_split
-from ..data.base import ImageSource
+from ..data.base import ImageSource, holdout_split
 from ..data.labels import write_labels_file
 from ..data.loader import build_loader, set_loader_epoch
 from ..errors import ConfigError, DataError, TrainingDiverged
@@ -84,6 +85,11 @@ def _num_classes(config: TrainConfig, source: Any) -> int:
     classes = source.num_classes - (0 if source.multi_label else config.labels_offset)
     if classes <= 0:
         raise DataError("the dataset has no classes; check --dataset_dir / labels.txt")
+    if classes == 1 and not source.multi_label:
+        names = list(source.class_names[config.labels_offset:])[:1]
+        raise DataError(f"the dataset has one class ({', '.join(map(str, names)) or '?'}): a single-label "
+                        f"classifier needs at least two; add a folder of another class (or use --multi_label "
+                        f"targets for yes/no per class)")
     return classes
 
 
@@ -185,6 +191,15 @@ def _train(config: TrainConfig, runtime: Runtime) -> TrainResult:
         raise ConfigError("--multi_label needs multi-label targets (VOC, a multi-label manifest or converted data)"
                           if multi_label else "this dataset has multi-label targets: drop --multi_label false")
     num_classes = _num_classes(config, source)
+    held_out = None
+    if config.validation_fraction:
+        if not isinstance(source, ImageSource):
+            raise ConfigError("--validation_fraction needs a dataset with random access (image folder, manifest, "
+                              "VOC, .npz); TFRecord shards: convert a validation split with `slimtune data convert`")
+        source, held_out = holdout_split(source, config.validation_fraction, seed=config.seed)
+        if len(held_out) == 0:
+            raise ConfigError(f"--validation_fraction {config.validation_fraction:g} of {len(source)} images holds "
+                              f"out none; raise it")
     latest = ckpt.latest_checkpoint(train_dir)
     if latest is not None:
         ckpt.check_same_model(latest, spec.name, num_classes)
@@ -224,7 +239,10 @@ def _train(config: TrainConfig, runtime: Runtime) -> TrainResult:
         model.to(memory_format=torch.channels_last)
     module: nn.Module = model
     if runtime.distributed:
-        module = DistributedDataParallel(model, device_ids=[runtime.device] if runtime.device.type == "cuda" else None)
+        # DDP wraps a module whose forward is forward_endpoints: the same forward, end points (aux
+        # heads) included, as a single process runs, and DDP's gradient hooks see all of it.
+        module = DistributedDataParallel(_EndpointsForward(model),
+                                         device_ids=[runtime.device] if runtime.device.type == "cuda" else None)
 
     # Input pipeline.
     image_size = config.train_image_size or spec.default_image_size
@@ -311,7 +329,8 @@ def _train(config: TrainConfig, runtime: Runtime) -> TrainResult:
         return saved.weights
 
     result = TrainResult(train_dir, step, latest.weights if latest else None)
-    evaluator = _make_evaluator(config, spec, runtime, multi_label) if config.eval_every_n_steps else None
+    evaluator = (_make_evaluator(config, spec, runtime, multi_label, split, held_out, source)
+                 if config.eval_every_n_steps else None)
     progress = None
     if runtime.is_main:
         from tqdm import tqdm
@@ -546,20 +565,72 @@ def _latest_name(train_dir: Path) -> str:
     return latest.weights.name if latest else "none yet"
 
 
-def _forward(module: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, dict]:
+def _endpoints(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, dict]:
     """Logits and end points; plain modules without forward_endpoints give no end points."""
-    target = module.module if isinstance(module, DistributedDataParallel) else module
-    if hasattr(target, "forward_endpoints") and not isinstance(module, DistributedDataParallel):
-        return target.forward_endpoints(images)
-    return module(images), {}
+    if hasattr(model, "forward_endpoints"):
+        return model.forward_endpoints(images)
+    return model(images), {}
 
 
-def _make_evaluator(config: TrainConfig, spec: ModelSpec, runtime: Runtime, multi_label: bool):
-    """An in-training evaluation on --eval_split_name, logged to TensorBoard under eval/."""
+class _EndpointsForward(nn.Module):
+    """forward(images) -> (logits, end points): the module DistributedDataParallel wraps."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        return _endpoints(self.model, images)
+
+
+def _forward(module: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """Logits and end points, the same way with and without DDP (aux heads do not vanish under DDP)."""
+    if isinstance(module, DistributedDataParallel):
+        return module(images)
+    return _endpoints(module, images)
+
+
+def _shared_images(train_source: Any, eval_source: Any) -> int:
+    """How many evaluation images are also training images (0 when the sources cannot tell)."""
+    if not (isinstance(train_source, ImageSource) and isinstance(eval_source, ImageSource)):
+        return 0
+    training = {train_source.describe(i) for i in range(len(train_source))}
+    if any(name.startswith("sample ") for name in list(training)[:1]):
+        return 0  # in-memory arrays (digits, .npz) name samples by index only: indices are not images
+    return sum(eval_source.describe(i) in training for i in range(len(eval_source)))
+
+
+def _make_evaluator(config: TrainConfig, spec: ModelSpec, runtime: Runtime, multi_label: bool,
+                    train_split: str = "train", held_out: Optional[ImageSource] = None,
+                    train_source: Any = None):
+    """An in-training evaluation, logged to TensorBoard under eval/ and to eval_during_training.jsonl.
+
+    It never silently evaluates the training images: with no split besides the training one it
+    refuses (unless --eval_split_name names it on purpose) and suggests --validation_fraction.
+    """
+    from ..data import available_splits
     from ..evaluate.run import evaluate_model
 
-    split = config.eval_split_name or resolve_split(config.dataset_name, config.dataset_dir, "auto")
-    source = build_source(config.dataset_name, config.dataset_dir, split, multi_label=config.multi_label)
+    if held_out is not None:
+        source = held_out
+        images = (f"{len(held_out)} images held out of split {train_split!r} by --validation_fraction "
+                  f"{config.validation_fraction:g} (seed {config.seed}; not trained on)")
+    else:
+        split = config.eval_split_name or resolve_split(config.dataset_name, config.dataset_dir, "auto")
+        source = build_source(config.dataset_name, config.dataset_dir, split, multi_label=config.multi_label)
+        # Split names can differ for the same images (a folder without split folders is both
+        # 'train' and 'all'): compare the images themselves where the sources can say.
+        shared = _shared_images(train_source, source)
+        if (split == train_split or shared) and not config.eval_split_name:
+            splits = available_splits(config.dataset_name, config.dataset_dir)
+            raise ConfigError(f"--eval_every_n_steps: the dataset has no split besides the training split "
+                              f"{train_split!r} (it has: {', '.join(splits) or 'one'}), so evaluation would "
+                              f"use the training images; add --validation_fraction 0.1 to hold some out, or "
+                              f"--eval_split_name {train_split} to evaluate them on purpose")
+        images = f"{len(source)} images of split {split!r}" + (
+            " (the training images)" if split == train_split or shared == len(source)
+            else f" ({shared} of them training images)" if shared else "")
+    record = Path(config.train_dir) / "eval_during_training.jsonl"
 
     def run(model: nn.Module, step: int, writer: Any) -> None:
         if not runtime.is_main:
@@ -573,6 +644,9 @@ def _make_evaluator(config: TrainConfig, spec: ModelSpec, runtime: Runtime, mult
             if key in results:
                 writer.add_scalar(f"eval/{key}", results[key], step)
         headline = {k: round(float(results[k]), 4) for k in ("Accuracy", "Recall_5", "mAP") if k in results}
-        _say(f"eval at step {step} on {split!r}: {headline}", runtime)
+        with open(record, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps({"step": step, "images": images, "num_samples": results.get("num_samples"),
+                                     **headline}) + "\n")
+        _say(f"eval at step {step} on {images}: {headline}", runtime)
 
     return run
