@@ -250,3 +250,65 @@ def test_missing_tflite_dependency_names_the_extra(tmp_path, capsys):
     assert main(["export", "--checkpoint_path", str(run), "--format", "tflite", "--output", str(tmp_path / "m.tflite")]) == 2
     err = capsys.readouterr().err
     assert "slimtune[tflite]" in err and err.count("\n") == 1
+
+
+def _photo_files(folder: Path) -> list[str]:
+    from PIL import Image
+
+    from conftest import skimage_photos
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, photo in skimage_photos().items():
+        path = folder / f"{name}.png"
+        Image.fromarray(photo).save(path)
+        paths.append(str(path))
+    return paths
+
+
+@pytest.mark.parametrize("multi_label", [False, True])
+def test_predict_with_exported_onnx_matches_the_checkpoint(tmp_path, capsys, multi_label):
+    from slimtune.predict import predict
+
+    run = write_run(tmp_path, "cifarnet", 32, multi_label=str(multi_label).lower())
+    if multi_label:
+        (run / "thresholds.json").write_text(json.dumps({"thresholds": [0.45 + 0.01 * i for i in range(CLASSES)]}))
+    out = tmp_path / "cifarnet.onnx"
+    export(str(run), "onnx", str(out), quiet=True)
+    images = _photo_files(tmp_path / "photos")
+    expected = predict(str(run), images, top_k=3, device="cpu")
+    actual = predict(None, images, model=str(out), top_k=3, batch_size=2)
+    assert [p.path for p in actual] == [p.path for p in expected]
+    for got, want in zip(actual, expected):
+        assert [label["index"] for label in got.labels] == [label["index"] for label in want.labels]
+        assert [label["name"] for label in got.labels] == [label["name"] for label in want.labels]
+        np.testing.assert_allclose([label["probability"] for label in got.labels],
+                                   [label["probability"] for label in want.labels], atol=2e-6)
+    assert main(["predict", "--model", str(out), "--format", "json", "--top_k", "2", *images]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["path"] for line in lines] == images
+
+
+def test_predict_model_bad_input_is_one_line(tmp_path, capsys):
+    images = _photo_files(tmp_path / "photos")[:1]
+    bogus = tmp_path / "bogus.onnx"
+    bogus.write_bytes(b"not an onnx file at all")
+    for argv in (["predict", "--model", str(bogus), *images],
+                 ["predict", "--model", str(tmp_path / "missing.onnx"), *images],
+                 ["predict", *images]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("slimtune: error:") and err.count("\n") == 1
+
+
+def test_exported_program_export_is_verified(tmp_path):
+    run = write_run(tmp_path, "lenet", 28)
+    out = tmp_path / "lenet.pt2"
+    result = export(str(run), "exported-program", str(out), quiet=True)
+    assert result.comparison.max_abs_diff <= 1e-4 * result.comparison.largest_logit
+    extra = {"slimtune.json": ""}
+    program = torch.export.load(str(out), extra_files=extra)
+    assert json.loads(extra["slimtune.json"])["num_classes"] == str(CLASSES)
+    x = torch.randn(3, 1, 28, 28)
+    logits, probabilities = program.module()(x)
+    torch.testing.assert_close(probabilities, torch.softmax(logits, -1))

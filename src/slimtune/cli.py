@@ -52,7 +52,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     predictions = predict(args.checkpoint_path, args.images, model_name=args.model_name, top_k=args.top_k,
                           batch_size=args.batch_size, image_size=args.image_size,
                           preprocessing_name=args.preprocessing_name, threshold=args.threshold,
-                          device=args.device, on_bad_image=args.on_bad_image)
+                          device=args.device, on_bad_image=args.on_bad_image, model=args.model)
     if args.format == "json":
         print("\n".join(p.to_json() for p in predictions))
     else:
@@ -164,8 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     predict = command("predict", _cmd_predict, "top-k labels for images, folders or globs")
     predict.add_argument("images", nargs="+", help="image files, folders or glob patterns")
-    predict.add_argument("--checkpoint_path", "--checkpoint-path", required=True,
-                         help="checkpoint file or train_dir")
+    predict.add_argument("--checkpoint_path", "--checkpoint-path", help="checkpoint file or train_dir")
+    predict.add_argument("--model", help="an exported .onnx (slimtune export) to run with onnxruntime instead")
     predict.add_argument("--model_name", "--model-name", help="network (default: recorded in the checkpoint)")
     predict.add_argument("--top_k", "--top-k", type=int, default=5, help="labels per image (single-label)")
     predict.add_argument("--threshold", type=float, help="multi-label probability threshold (default: tuned or 0.5)")
