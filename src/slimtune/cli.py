@@ -138,7 +138,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
                       "max_abs_diff": result.comparison.max_abs_diff,
                       "largest_logit": result.comparison.largest_logit,
                       "top1_agreement": result.comparison.top1_agreement,
-                      "extra_files": [str(p) for p in result.extra_files]}))
+                      "extra_files": [str(p) for p in result.extra_files], **result.report}))
     return 0
 
 

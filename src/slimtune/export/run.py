@@ -36,6 +36,8 @@ class ExportResult:
     comparison: Comparison
     lines: list[str] = field(default_factory=list)
     extra_files: list[Path] = field(default_factory=list)
+    #: int8 quantization: sizes, top-1 agreement with fp32, images/s.
+    report: dict = field(default_factory=dict)
 
 
 def check_format(fmt: str) -> str:
@@ -67,6 +69,8 @@ def export(checkpoint_path: str, fmt: str, output: str, *, model_name: Optional[
         raise ConfigError(f"--with_preprocessing is available for onnx, torchscript and exported-program, not {fmt}")
     if quantize is not None and (quantize != "int8" or fmt not in ("onnx", "tflite")):
         raise ConfigError(f"--quantize {quantize}: only --quantize int8 with --format onnx or tflite")
+    if quantize and not calibration_dataset_dir:
+        raise ConfigError("--quantize int8 needs --calibration_dataset_dir (images like those the model will see)")
     if fmt == "tflite":
         formats.require("litert_torch", "tflite", "--format tflite")
     source = load_source(checkpoint_path, model_name=model_name, num_classes=num_classes, image_size=image_size,
@@ -123,7 +127,8 @@ def export(checkpoint_path: str, fmt: str, output: str, *, model_name: Optional[
             from .quantize import quantize_onnx
 
             calibration = _calibration_batches(source, calibration_dataset_dir, calibration_images)
-            result = quantize_onnx(temporary, out, calibration, min_agreement=min_agreement, quiet=quiet)
+            result = quantize_onnx(temporary, out, calibration, min_agreement=min_agreement, quiet=quiet,
+                                   calibration_source=str(calibration_dataset_dir))
             temporary.unlink(missing_ok=True)
             return result
         os.replace(temporary, out)
