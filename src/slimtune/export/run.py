@@ -101,6 +101,8 @@ def export(checkpoint_path: str, fmt: str, output: str, *, model_name: Optional[
         return export_with_preprocessing(source, infer, images, eager, fmt, out, opset=opset, quiet=quiet)
     metadata = source.metadata()
     example = batch[:2] if batch.shape[0] >= 2 else batch.repeat(2, 1, 1, 1)
+    calibration = (_calibration_batches(source, calibration_dataset_dir, calibration_images)
+                   if quantize == "int8" else None)
     temporary = _temporary(out)
     try:
         if fmt == "onnx":
@@ -116,17 +118,21 @@ def export(checkpoint_path: str, fmt: str, output: str, *, model_name: Optional[
             from .tflite import write_tflite
 
             runner, runtime = write_tflite(infer, example, temporary, metadata, quantize=quantize,
-                                           calibration=_calibration_batches(source, calibration_dataset_dir,
-                                                                            calibration_images) if quantize else None)
-        comparison, lines = _check_runner(runner, batch, eager, runtime, quantized=quantize is not None and fmt == "tflite",
-                                          min_agreement=min_agreement)
+                                           calibration=calibration)
+        if fmt == "tflite" and quantize == "int8":
+            # int8 is judged by top-1 agreement with the fp32 eager net on the calibration images.
+            with torch.no_grad():
+                reference = source.model(calibration).float().numpy()
+            comparison, lines = _check_runner(runner, calibration, reference, runtime + f" on the calibration images",
+                                              quantized=True, min_agreement=min_agreement)
+        else:
+            comparison, lines = _check_runner(runner, batch, eager, runtime)
         for line in lines:
             _say(line, quiet)
         result = ExportResult(out, fmt, comparison, lines)
         if fmt == "onnx" and quantize == "int8":
             from .quantize import quantize_onnx
 
-            calibration = _calibration_batches(source, calibration_dataset_dir, calibration_images)
             result = quantize_onnx(temporary, out, calibration, min_agreement=min_agreement, quiet=quiet,
                                    calibration_source=str(calibration_dataset_dir))
             temporary.unlink(missing_ok=True)
