@@ -266,7 +266,7 @@ def _photo_files(folder: Path) -> list[str]:
     return paths
 
 
-@pytest.mark.parametrize("multi_label", [False, True])
+@pytest.mark.parametrize("multi_label", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_predict_with_exported_onnx_matches_the_checkpoint(tmp_path, capsys, multi_label):
     from slimtune.predict import predict
 
