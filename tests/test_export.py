@@ -312,3 +312,50 @@ def test_exported_program_export_is_verified(tmp_path):
     x = torch.randn(3, 1, 28, 28)
     logits, probabilities = program.module()(x)
     torch.testing.assert_close(probabilities, torch.softmax(logits, -1))
+
+
+class _NetWithAuxHead(torch.nn.Module):
+    """A slim-style net with an auxiliary head under classifier_scopes[1] (like InceptionV3/AuxLogits)."""
+
+    classifier_scopes = ("Net/Logits", "Net/AuxLogits")
+
+    def __init__(self, aux_in_eval: bool) -> None:
+        super().__init__()
+        self.aux_in_eval = aux_in_eval
+        self.Net = torch.nn.Module()
+        self.Net.Conv = torch.nn.Conv2d(3, 8, 3)
+        self.Net.Logits = torch.nn.Linear(8, 5)
+        self.Net.AuxLogits = torch.nn.Linear(8, 5)
+        self.Net.Dropout = torch.nn.Dropout(0.5)
+
+    def forward(self, x):
+        features = torch.relu(self.Net.Conv(x)).mean(dim=(2, 3))
+        if self.training or self.aux_in_eval:  # what a training-only branch looks like
+            self.aux = self.Net.AuxLogits(features)
+        return self.Net.Logits(self.Net.Dropout(features))
+
+
+@pytest.mark.parametrize("aux_in_eval", [False, True])
+def test_auxiliary_heads_and_dropout_are_left_out_of_the_exported_graph(tmp_path, aux_in_eval):
+    from slimtune.export import formats
+    from slimtune.export.prepare import ExportSource
+    from slimtune.export.run import _inference_model
+
+    torch.manual_seed(0)
+    net = _NetWithAuxHead(aux_in_eval).eval()
+    source = ExportSource(model=net, spec=get_model_spec("lenet"), model_name="aux", num_classes=5, image_size=16,
+                          preprocessing="inception")
+    x = torch.randn(3, 3, 16, 16)
+    infer, stats = _inference_model(source, x)
+    assert stats["dropout_removed"] == 1
+    assert stats["aux_heads_removed"] == (0 if aux_in_eval else 1)  # kept (then dead code) when eval needs it
+    out = tmp_path / "aux.onnx"
+    formats.write_onnx(infer, x[:2], out, {"k": "v"})
+    model = onnx.load(str(out))
+    ops = {node.op_type for node in model.graph.node}
+    assert "Dropout" not in ops
+    assert sum(node.op_type == "Gemm" or node.op_type == "MatMul" for node in model.graph.node) == 1  # main head only
+    with torch.no_grad():
+        expected = net(x).numpy()
+    got = formats.load_onnx(out)(x.numpy())
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
