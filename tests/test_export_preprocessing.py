@@ -119,3 +119,17 @@ def test_with_preprocessing_is_refused_where_it_cannot_apply(tmp_path):
     run = write_run(tmp_path, "lenet", 28)
     with pytest.raises(ConfigError, match="--with_preprocessing"):
         export(str(run), "safetensors", str(tmp_path / "w.safetensors"), with_preprocessing=True, quiet=True)
+
+
+@pytest.mark.slow
+def test_exported_program_with_preprocessing_any_size_and_any_output_name(tmp_path):
+    run = write_run(tmp_path, "lenet", 28)
+    out = tmp_path / "lenet_raw.program"  # not .pt2: the temporary still gets the suffix torch.export.load wants
+    export(str(run), "exported-program", str(out), with_preprocessing=True, quiet=True)
+    module = torch.export.load(str(out)).module()
+    for height, width in [(10, 13), (57, 31)]:
+        image = _photo(height, width, 1)
+        with torch.no_grad():
+            logits = module(torch.from_numpy(image[None]))[0].numpy()
+        expected = _eager_logits(run, image, "lenet", 28)
+        assert np.max(np.abs(logits - expected)) <= 1e-4 * np.max(np.abs(expected)), (height, width)

@@ -159,7 +159,7 @@ def export_with_preprocessing(source: ExportSource, infer: nn.Module, images: Ve
     metadata.update({"with_preprocessing": "true", "input_layout": json.dumps(
         f"NHWC uint8, any height/width (one size per batch), {source.in_channels} channels")})
     example = torch.from_numpy(np.stack([images.arrays[0]] * 2))
-    temporary = _temporary(out)
+    temporary = _temporary(out, fmt)
     try:
         if fmt == "onnx":
             formats.write_onnx(model, example, temporary, metadata, opset=opset, dynamic_spatial=True)

@@ -47,8 +47,10 @@ def check_format(fmt: str) -> str:
     return fmt
 
 
-def _temporary(path: Path) -> Path:
-    return path.with_name(f".{path.stem}.partial-{os.getpid()}{path.suffix}")
+def _temporary(path: Path, fmt: str = "") -> Path:
+    """A hidden name beside `path`; torch.export.load wants a .pt2 suffix, so the temporary has one."""
+    suffix = ".pt2" if fmt == "exported-program" else path.suffix
+    return path.with_name(f".{path.stem}.partial-{os.getpid()}{suffix}")
 
 
 def _say(message: str, quiet: bool) -> None:
@@ -103,7 +105,7 @@ def export(checkpoint_path: str, fmt: str, output: str, *, model_name: Optional[
     example = batch[:2] if batch.shape[0] >= 2 else batch.repeat(2, 1, 1, 1)
     calibration = (_calibration_batches(source, calibration_dataset_dir, calibration_images)
                    if quantize == "int8" else None)
-    temporary = _temporary(out)
+    temporary = _temporary(out, fmt)
     try:
         if fmt == "onnx":
             formats.write_onnx(infer, example, temporary, metadata, opset=opset)
