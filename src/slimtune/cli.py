@@ -54,7 +54,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     predictions = predict(args.checkpoint_path, args.images, model_name=args.model_name, top_k=args.top_k,
                           batch_size=args.batch_size, image_size=args.image_size,
                           preprocessing_name=args.preprocessing_name, threshold=args.threshold,
-                          device=args.device, on_bad_image=args.on_bad_image)
+                          device=args.device, on_bad_image=args.on_bad_image, model=args.model)
     if args.format == "json":
         print("\n".join(p.to_json() for p in predictions))
     else:
@@ -152,6 +152,24 @@ def _cmd_data_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .export import export
+
+    result = export(args.checkpoint_path, args.format, args.output, model_name=args.model_name,
+                    num_classes=args.num_classes, image_size=args.image_size,
+                    preprocessing_name=args.preprocessing_name, labels_file=args.labels_file,
+                    multi_label={"true": True, "false": False}.get(str(args.multi_label).lower()),
+                    verify_images=args.verify_images, with_preprocessing=args.with_preprocessing, opset=args.opset,
+                    quantize=args.quantize, calibration_dataset_dir=args.calibration_dataset_dir,
+                    calibration_images=args.calibration_images, min_agreement=args.min_agreement)
+    print(json.dumps({"output": str(result.path), "format": result.format,
+                      "max_abs_diff": result.comparison.max_abs_diff,
+                      "largest_logit": result.comparison.largest_logit,
+                      "top1_agreement": result.comparison.top1_agreement,
+                      "extra_files": [str(p) for p in result.extra_files], **result.report}))
+    return 0
+
+
 def _given(args: argparse.Namespace) -> dict:
     """Settings explicitly given on the command line (defaults come from the config class)."""
     return {k: v for k, v in vars(args).items() if k not in ("func", "command", "subcommand")}
@@ -174,8 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     predict = command("predict", _cmd_predict, "top-k labels for images, folders or globs")
     predict.add_argument("images", nargs="+", help="image files, folders or glob patterns")
-    predict.add_argument("--checkpoint_path", "--checkpoint-path", required=True,
-                         help="checkpoint file or train_dir")
+    predict.add_argument("--checkpoint_path", "--checkpoint-path", help="checkpoint file or train_dir")
+    predict.add_argument("--model", help="an exported .onnx (slimtune export) to run with onnxruntime instead")
     predict.add_argument("--model_name", "--model-name", help="network (default: recorded in the checkpoint)")
     predict.add_argument("--top_k", "--top-k", type=int, default=5, help="labels per image (single-label)")
     predict.add_argument("--threshold", type=float, help="multi-label probability threshold (default: tuned or 0.5)")
@@ -261,6 +279,31 @@ def build_parser() -> argparse.ArgumentParser:
     convert_data.add_argument("--seed", type=int, default=0)
     convert_data.add_argument("--format", default="tfrecord", choices=("tfrecord", "webdataset"),
                               help="shards to write: slim's TFRecords or WebDataset tar files")
+
+    exporter = command("export", _cmd_export,
+                       "write a trained net as onnx / torchscript / exported-program / safetensors / tf-checkpoint / "
+                       "tflite, verified against the trained model")
+    exporter.add_argument("--checkpoint_path", "--checkpoint-path", required=True, help="train_dir or checkpoint file")
+    exporter.add_argument("--format", required=True,
+                          help="onnx, torchscript, exported-program, safetensors, tf-checkpoint or tflite")
+    exporter.add_argument("--output", required=True, help="file to write (a checkpoint prefix for tf-checkpoint)")
+    exporter.add_argument("--model_name", "--model-name", help="network (default: the run's saved config)")
+    exporter.add_argument("--num_classes", "--num-classes", type=int, help="class count (default: saved config)")
+    exporter.add_argument("--image_size", "--image-size", type=int, help="input size (default: as trained)")
+    exporter.add_argument("--preprocessing_name", "--preprocessing-name")
+    exporter.add_argument("--labels_file", "--labels-file", help="labels.txt to store (default: the run's labels)")
+    exporter.add_argument("--multi_label", "--multi-label", default=None, help="true/false (default: as trained)")
+    exporter.add_argument("--verify_images", "--verify-images", nargs="+",
+                          help="images/folders to verify on (default: scikit-image photos or bundled scans)")
+    exporter.add_argument("--with_preprocessing", "--with-preprocessing", action="store_true",
+                          help="take uint8 NHWC images of any size; the net's eval preprocessing runs in the graph")
+    exporter.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 17)")
+    exporter.add_argument("--quantize", choices=("int8",), help="post-training static int8 quantization")
+    exporter.add_argument("--calibration_dataset_dir", "--calibration-dataset-dir",
+                          help="image folder to calibrate int8 quantization on")
+    exporter.add_argument("--calibration_images", "--calibration-images", type=int, default=256)
+    exporter.add_argument("--min_agreement", "--min-agreement", type=float, default=0.99,
+                          help="least int8 top-1 agreement with fp32 on the calibration images")
     return parser
 
 

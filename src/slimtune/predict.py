@@ -71,12 +71,21 @@ def _class_names(meta: dict[str, str], weights: Path, count: int) -> list[str]:
     return imagenet_class_names(count) or [str(i) for i in range(count)]
 
 
-def predict(checkpoint_path: str, inputs: Sequence[str], *, model_name: Optional[str] = None, top_k: int = 5,
+def predict(checkpoint_path: Optional[str], inputs: Sequence[str], *, model_name: Optional[str] = None, top_k: int = 5,
             batch_size: int = 32, image_size: Optional[int] = None, preprocessing_name: Optional[str] = None,
-            threshold: Optional[float] = None, device: str = "auto", on_bad_image: str = "skip") -> list[Prediction]:
-    """Predict labels for every input image with a trained checkpoint (file or train_dir)."""
+            threshold: Optional[float] = None, device: str = "auto", on_bad_image: str = "skip",
+            model: Optional[str] = None) -> list[Prediction]:
+    """Predict labels for every input image with a trained checkpoint (file or train_dir), or with an
+    exported model file (`model`: .onnx, run in onnxruntime with the file's own metadata)."""
     if top_k < 1:
         raise ConfigError("--top_k must be >= 1")
+    if model is not None:
+        if checkpoint_path:
+            raise ConfigError("give --checkpoint_path or --model, not both")
+        return predict_exported(model, inputs, top_k=top_k, batch_size=batch_size, threshold=threshold,
+                                on_bad_image=on_bad_image)
+    if not checkpoint_path:
+        raise ConfigError("predict needs --checkpoint_path (a train_dir or checkpoint) or --model (an exported .onnx)")
     torch_device = pick_device(device)
     model, spec, meta, weights = load_for_eval(checkpoint_path, model_name, None, torch_device)
     paths = expand_inputs(inputs)
@@ -109,6 +118,61 @@ def predict(checkpoint_path: str, inputs: Sequence[str], *, model_name: Optional
             logits = model(torch.stack(tensors).to(torch_device)).float().cpu()
         for path, row in zip(kept, logits):
             predictions.append(Prediction(str(path), _labels(row, names, multi_label, top_k, thresholds)))
+    order = {str(p): i for i, p in enumerate(paths)}
+    predictions.sort(key=lambda p: order[p.path])
+    return predictions
+
+
+def predict_exported(model_path: str, inputs: Sequence[str], *, top_k: int = 5, batch_size: int = 32,
+                     threshold: Optional[float] = None, on_bad_image: str = "skip") -> list[Prediction]:
+    """Predict with an ONNX file written by `slimtune export`: onnxruntime, with labels, image size,
+    preprocessing and thresholds from the file's metadata (no slimtune checkpoint needed)."""
+    path = Path(model_path).expanduser()
+    if path.suffix.lower() != ".onnx":
+        raise ConfigError(f"--model {model_path}: predict runs exported .onnx files (use --checkpoint_path for "
+                          "checkpoints and train_dirs)")
+    if not path.is_file():
+        raise ConfigError(f"--model {model_path}: no such file")
+    from .export.formats import INPUT_NAME, onnx_session
+
+    try:
+        session = onnx_session(path)
+    except Exception as error:  # onnxruntime's own exception types
+        raise ConfigError(f"--model {model_path}: onnxruntime cannot load it ({str(error).splitlines()[0]})") from error
+    meta = dict(session.get_modelmeta().custom_metadata_map)
+    if meta.get("exported_by") != "slimtune":
+        raise ConfigError(f"--model {model_path}: not written by `slimtune export` (no slimtune metadata)")
+    names = json.loads(meta["class_names"])
+    multi_label = meta.get("multi_label") == "true"
+    size, channels = int(meta["image_size"]), int(meta.get("in_channels", "3"))
+    raw_input = meta.get("with_preprocessing") == "true"
+    preprocess = None if raw_input else get_preprocessing(meta["preprocessing"], is_training=False)
+    saved = json.loads(meta.get("thresholds") or "null")
+    thresholds = np.full(len(names), 0.5 if threshold is None else threshold, dtype=np.float32)
+    if multi_label and threshold is None and saved:
+        thresholds = np.asarray(saved, dtype=np.float32)
+    paths = expand_inputs(inputs)
+    predictions: list[Prediction] = []
+    # Images of different sizes cannot share a uint8 batch: a with-preprocessing model gets one at a time.
+    step = 1 if raw_input else batch_size
+    for start in range(0, len(paths), step):
+        arrays, kept = [], []
+        for image_path in paths[start:start + step]:
+            try:
+                array = decode_image(image_path, channels, description=str(image_path))
+            except BadImageError as error:
+                if on_bad_image == "fail":
+                    raise
+                predictions.append(Prediction(str(image_path), error=str(error)))
+                continue
+            arrays.append(array if raw_input else
+                          preprocess(torch.from_numpy(array).permute(2, 0, 1), size, size).numpy())
+            kept.append(image_path)
+        if not arrays:
+            continue
+        logits = session.run(["logits"], {INPUT_NAME: np.stack(arrays)})[0]
+        for image_path, row in zip(kept, torch.from_numpy(np.asarray(logits, dtype=np.float32))):
+            predictions.append(Prediction(str(image_path), _labels(row, names, multi_label, top_k, thresholds)))
     order = {str(p): i for i, p in enumerate(paths)}
     predictions.sort(key=lambda p: order[p.path])
     return predictions
