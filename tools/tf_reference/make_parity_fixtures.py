@@ -134,6 +134,91 @@ CONFIGS: dict[str, FixtureConfig] = {
                                                  "global_pool": False, "spatial_squeeze": False}),
     "resnet_v2_50_os8": FixtureConfig("resnet_v2_50", 1001, 97, {"output_stride": 8}),
 }
+# Functions called with the loaded slim environment before any fixture is made (e.g. to register
+# fixture-only networks in nets_factory's maps).
+SLIM_HOOKS: list[Any] = []
+
+# ---- BEGIN inception configs (issue 13: Inception v1-v4, Inception-ResNet-v2) ----------------------
+# Reduced widths (depth_multiplier) and small inputs keep the default-run goldens cheap; the full
+# nets at their published sizes are checked too (their tests run with -m slow). Sizes: v3's 224
+# renames AuxLogits/Conv2d_2a_5x5 to Conv2d_2a_3x3; 107 is the smallest input v3/v4/IRv2 accept
+# with their aux head. '*_base_*' configs run slim's base network (the golden's logits are the
+# base output) through the networks registered by `_register_inception_extras`.
+INCEPTION_CONFIGS: dict[str, FixtureConfig] = {
+    "inception_v1": FixtureConfig("inception_v1", 1001, 224),
+    "inception_v1_gp160": FixtureConfig("inception_v1", 1001, 160, {"global_pool": True}),
+    "inception_v2": FixtureConfig("inception_v2", 1001, 224),
+    "inception_v2_dm025": FixtureConfig("inception_v2", 1001, 224, {"depth_multiplier": 0.25}),
+    "inception_v2_dm025_gp97": FixtureConfig("inception_v2", 1001, 97, {"depth_multiplier": 0.25,
+                                                                       "global_pool": True}),
+    "inception_v2_dm025_noseparable": FixtureConfig("inception_v2_noseparable", 1001, 150,
+                                                     {"depth_multiplier": 0.25}),
+    "inception_v3": FixtureConfig("inception_v3", 1001, 299),
+    "inception_v3_dm025": FixtureConfig("inception_v3", 1001, 299, {"depth_multiplier": 0.25}),
+    "inception_v3_dm025_224": FixtureConfig("inception_v3", 1001, 224, {"depth_multiplier": 0.25}),
+    "inception_v3_dm025_gp331": FixtureConfig("inception_v3", 1001, 331, {"depth_multiplier": 0.25,
+                                                                         "global_pool": True}),
+    "inception_v3_dm025_headless": FixtureConfig("inception_v3", 0, 299, {"depth_multiplier": 0.25}),
+    "inception_v3_dm025_base_6a": FixtureConfig("inception_v3_base_6a", None, 150, {"depth_multiplier": 0.25}),
+    "inception_v4": FixtureConfig("inception_v4", 1001, 299),
+    "inception_v4_107": FixtureConfig("inception_v4", 1001, 107),
+    "inception_resnet_v2": FixtureConfig("inception_resnet_v2", 1001, 299),
+    "inception_resnet_v2_107": FixtureConfig("inception_resnet_v2", 1001, 107),
+    "inception_resnet_v2_aligned_99": FixtureConfig("inception_resnet_v2_aligned", 1001, 99),
+    "inception_resnet_v2_base_os8": FixtureConfig("inception_resnet_v2_base_os8", None, 75),
+    # TF-written checkpoints (V1 and V2 formats), thin nets and few classes so they stay small.
+    "inception_v2_ckpt": FixtureConfig("inception_v2", 10, 64, {"depth_multiplier": 0.1, "global_pool": True},
+                                       checkpoint="v1"),
+    "inception_v3_ckpt": FixtureConfig("inception_v3", 10, 107, {"depth_multiplier": 0.1}, checkpoint="v2"),
+}
+CONFIGS.update(INCEPTION_CONFIGS)
+
+
+def _register_inception_extras(env: Any) -> None:
+    """Add slim's base networks and Inception-ResNet-v2's align_feature_maps (which slim's
+    inception_resnet_v2() does not forward) to the nets_factory maps, under fixture-only names."""
+    v3 = env.import_module("nets.inception_v3")
+    irv2 = env.import_module("nets.inception_resnet_v2")
+
+    def base_network(base_fn: Any) -> Any:
+        def network(images: Any, num_classes: Any = None, is_training: bool = False, **kwargs: Any) -> Any:
+            return base_fn(images, **kwargs)
+        return network
+
+    def with_base_kwargs(module: Any, net: str, base: str, option: str) -> Any:
+        """The slim net, its base network called with `option` (which the net does not forward)."""
+        def network(images: Any, **kwargs: Any) -> Any:
+            value = kwargs.pop(option)
+            original = getattr(module, base)
+            setattr(module, base, functools.partial(original, **{option: value}))
+            try:
+                return getattr(module, net)(images, **kwargs)
+            finally:
+                setattr(module, base, original)
+        return network
+
+    v2 = env.import_module("nets.inception_v2")
+
+    extras = {
+        "inception_v3_base_6a": (functools.partial(base_network(v3.inception_v3_base), final_endpoint="Mixed_6a"),
+                                 "inception_v3"),
+        "inception_resnet_v2_base_os8": (functools.partial(base_network(irv2.inception_resnet_v2_base),
+                                                           final_endpoint="PreAuxLogits", output_stride=8),
+                                         "inception_resnet_v2"),
+        "inception_resnet_v2_aligned": (functools.partial(with_base_kwargs(
+            irv2, "inception_resnet_v2", "inception_resnet_v2_base", "align_feature_maps"), align_feature_maps=True),
+            "inception_resnet_v2"),
+        "inception_v2_noseparable": (functools.partial(with_base_kwargs(
+            v2, "inception_v2", "inception_v2_base", "use_separable_conv"), use_separable_conv=False),
+            "inception_v2"),
+    }
+    for name, (function, like) in extras.items():
+        env.nets_factory.networks_map[name] = function
+        env.nets_factory.arg_scopes_map[name] = env.nets_factory.arg_scopes_map[like]
+
+
+SLIM_HOOKS.append(_register_inception_extras)
+# ---- END inception configs -----------------------------------------------------------------------
 
 
 def _partial_keywords(fn: Any) -> dict[str, Any]:
@@ -237,6 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     env = load_slim(args.slim_src)
+    for hook in SLIM_HOOKS:
+        hook(env)
     print(f"versions: {env.versions}")
     total = 0
     for name in names:

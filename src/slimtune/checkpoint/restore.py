@@ -23,7 +23,8 @@ from ..errors import CheckpointError, RestoreError
 from .mapping import NameMap, auto_align, leaf_synonyms
 from .names import (fit_torch_array, fit_torch_shape, is_norm_scope, strip_tensor_suffix, strip_wrappers,
                     tf_to_torch_array, tf_to_torch_shape, torch_to_slim)
-from .scopes import ScopesArg, common_net_scope, parse_scopes, select_names
+from .scopes import (ScopesArg, classifier_scopes_of, common_net_scope, expand_heads, in_scope, normalize_scope,
+                     parse_scopes, select_names)
 
 Shape = tuple[int, ...]
 CheckpointArg = Union[str, os.PathLike, Mapping]
@@ -125,7 +126,8 @@ class RestorePlan:
         """One line per problem, each ending in the flag that fixes it."""
         lines = []
         for fate in self.mismatched:
-            lines.append(f"{fate.display}: checkpoint {_fmt(fate.checkpoint_shape)}, net {_fmt(fate.model_shape)}: "
+            why = f" ({fate.note})" if fate.note.startswith("renamed") else ""
+            lines.append(f"{fate.display}: checkpoint {_fmt(fate.checkpoint_shape)}, net {_fmt(fate.model_shape)}{why}: "
                          f"add --checkpoint_exclude_scopes={fate.scope}")
         if not self.ignore_missing_vars:
             for fate in self.missing:
@@ -350,6 +352,8 @@ def plan_restore(model: nn.Module, checkpoint: CheckpointArg, exclude_scopes: Sc
                  ignore_missing_vars: bool = False) -> tuple[RestorePlan, Mapping, dict[str, tuple]]:
     """Work out the plan without loading; also returns the opened checkpoint and the load steps."""
     source, ckpt = _open(checkpoint)
+    exclude_scopes = expand_heads(exclude_scopes, model)
+    heads = [normalize_scope(h) for h in classifier_scopes_of(model)]
     rules = NameMap.parse(name_map)
     state = model.state_dict(keep_vars=True)
     model_keys = [k for k in state if not k.endswith("num_batches_tracked")]
@@ -436,6 +440,8 @@ def plan_restore(model: nn.Module, checkpoint: CheckpointArg, exclude_scopes: Sc
     for key in model_keys:
         target = tuple(state[key].shape)
         scope = _layer_scope(clean_of[key])
+        # A classifier head is excluded as a whole (slim's recipe: InceptionV3/Logits,InceptionV3/AuxLogits).
+        scope = next((head for head in heads if in_scope(scope, head)), scope)
         fate = TensorFate("missing", key, target, display=contract_name(key), note=notes.get(key, ""),
                           scope=scope.replace(".", "/") if slim else scope)
         if key in pairs:
@@ -464,6 +470,9 @@ def plan_restore(model: nn.Module, checkpoint: CheckpointArg, exclude_scopes: Sc
         plan.fates.append(fate)
     plan.unused = [CheckpointTensor(ckpt_by_clean[n], _shape(ckpt, ckpt_by_clean[n]))
                    for n in ckpt_by_clean if n not in consumed]
+    explain = getattr(model, "explain_restore_plan", None)
+    if callable(explain):
+        explain(plan)  # e.g. a variable renamed by the input size, said in plain words
     return plan, ckpt, steps
 
 
