@@ -153,3 +153,20 @@ def test_exclude_scopes_heads_excludes_the_registrys_heads(v3_1001_weights):
     without_aux = create_model("inception_v3", num_classes=5, depth_multiplier=0.25, create_aux_logits=False)
     plan, _, _ = plan_restore(without_aux, v3_1001_weights, exclude_scopes="heads")
     assert plan.ok and {f.model_name.split(".")[1] for f in plan.excluded} == {"Logits"}
+
+
+def test_eval_at_another_size_leaves_the_aux_head_out_and_training_refuses():
+    """A v3 built for 299 evaluates at 224 (no AuxLogits end point, same logits as a net built for
+    224); training at a size its aux head was not built for is a one-line error."""
+    built_299 = create_model("inception_v3", num_classes=3, depth_multiplier=0.1, min_depth=8).eval()
+    built_224 = create_model("inception_v3", num_classes=3, depth_multiplier=0.1, min_depth=8,
+                             image_size=224, create_aux_logits=False).eval()
+    built_224.load_state_dict({k: v for k, v in built_299.state_dict().items() if ".AuxLogits." not in k})
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        logits, end_points = built_299.forward_endpoints(x)
+        assert "AuxLogits" not in end_points
+        torch.testing.assert_close(logits, built_224(x))
+    with pytest.raises(ConfigError, match="image_size") as error:
+        built_299.train()(x)
+    assert "\n" not in str(error.value)

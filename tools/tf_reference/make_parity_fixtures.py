@@ -142,8 +142,10 @@ SLIM_HOOKS: list[Any] = []
 # Reduced widths (depth_multiplier) and small inputs keep the default-run goldens cheap; the full
 # nets at their published sizes are checked too (their tests run with -m slow). Sizes: v3's 224
 # renames AuxLogits/Conv2d_2a_5x5 to Conv2d_2a_3x3; 107 is the smallest input v3/v4/IRv2 accept
-# with their aux head. '*_base_*' configs run slim's base network (the golden's logits are the
-# base output) through the networks registered by `_register_inception_extras`.
+# with their aux head. Options of slim's base networks that the net functions do not forward
+# (final_endpoint, use_separable_conv, align_feature_maps, output_stride) reach them through
+# `_register_inception_extras`; a config with final_endpoint runs the base only (no classes), and
+# its golden's logits are the base output.
 INCEPTION_CONFIGS: dict[str, FixtureConfig] = {
     "inception_v1": FixtureConfig("inception_v1", 1001, 224),
     "inception_v1_gp160": FixtureConfig("inception_v1", 1001, 160, {"global_pool": True}),
@@ -151,21 +153,23 @@ INCEPTION_CONFIGS: dict[str, FixtureConfig] = {
     "inception_v2_dm025": FixtureConfig("inception_v2", 1001, 224, {"depth_multiplier": 0.25}),
     "inception_v2_dm025_gp97": FixtureConfig("inception_v2", 1001, 97, {"depth_multiplier": 0.25,
                                                                        "global_pool": True}),
-    "inception_v2_dm025_noseparable": FixtureConfig("inception_v2_noseparable", 1001, 150,
-                                                     {"depth_multiplier": 0.25}),
+    "inception_v2_dm025_noseparable": FixtureConfig("inception_v2", 1001, 150, {"depth_multiplier": 0.25,
+                                                                               "use_separable_conv": False}),
     "inception_v3": FixtureConfig("inception_v3", 1001, 299),
     "inception_v3_dm025": FixtureConfig("inception_v3", 1001, 299, {"depth_multiplier": 0.25}),
     "inception_v3_dm025_224": FixtureConfig("inception_v3", 1001, 224, {"depth_multiplier": 0.25}),
     "inception_v3_dm025_gp331": FixtureConfig("inception_v3", 1001, 331, {"depth_multiplier": 0.25,
                                                                          "global_pool": True}),
     "inception_v3_dm025_headless": FixtureConfig("inception_v3", 0, 299, {"depth_multiplier": 0.25}),
-    "inception_v3_dm025_base_6a": FixtureConfig("inception_v3_base_6a", None, 150, {"depth_multiplier": 0.25}),
+    "inception_v3_dm025_base_6a": FixtureConfig("inception_v3", None, 150, {"depth_multiplier": 0.25,
+                                                                           "final_endpoint": "Mixed_6a"}),
     "inception_v4": FixtureConfig("inception_v4", 1001, 299),
     "inception_v4_107": FixtureConfig("inception_v4", 1001, 107),
     "inception_resnet_v2": FixtureConfig("inception_resnet_v2", 1001, 299),
     "inception_resnet_v2_107": FixtureConfig("inception_resnet_v2", 1001, 107),
-    "inception_resnet_v2_aligned_99": FixtureConfig("inception_resnet_v2_aligned", 1001, 99),
-    "inception_resnet_v2_base_os8": FixtureConfig("inception_resnet_v2_base_os8", None, 75),
+    "inception_resnet_v2_aligned_99": FixtureConfig("inception_resnet_v2", 1001, 99, {"align_feature_maps": True}),
+    "inception_resnet_v2_base_os8": FixtureConfig("inception_resnet_v2", None, 75,
+                                                  {"final_endpoint": "PreAuxLogits", "output_stride": 8}),
     # TF-written checkpoints (V1 and V2 formats), thin nets and few classes so they stay small.
     "inception_v2_ckpt": FixtureConfig("inception_v2", 10, 64, {"depth_multiplier": 0.1, "global_pool": True},
                                        checkpoint="v1"),
@@ -173,48 +177,40 @@ INCEPTION_CONFIGS: dict[str, FixtureConfig] = {
 }
 CONFIGS.update(INCEPTION_CONFIGS)
 
+# Base-network options per net: (module, net function, base function, options the net does not forward).
+_INCEPTION_BASE_OPTIONS = {
+    "inception_v2": ("nets.inception_v2", "inception_v2_base", ("final_endpoint", "use_separable_conv")),
+    "inception_v3": ("nets.inception_v3", "inception_v3_base", ("final_endpoint",)),
+    "inception_v4": ("nets.inception_v4", "inception_v4_base", ("final_endpoint",)),
+    "inception_resnet_v2": ("nets.inception_resnet_v2", "inception_resnet_v2_base",
+                            ("final_endpoint", "align_feature_maps", "output_stride")),
+}
+
 
 def _register_inception_extras(env: Any) -> None:
-    """Add slim's base networks and Inception-ResNet-v2's align_feature_maps (which slim's
-    inception_resnet_v2() does not forward) to the nets_factory maps, under fixture-only names."""
-    v3 = env.import_module("nets.inception_v3")
-    irv2 = env.import_module("nets.inception_resnet_v2")
+    """Let the Inception net functions take their base network's options: with final_endpoint the
+    base alone runs (slim's *_base(images, final_endpoint=...)); the other options reach the base
+    the net builds. Without them the nets are exactly slim's."""
+    for net, (module_name, base_name, options) in _INCEPTION_BASE_OPTIONS.items():
+        module = env.import_module(module_name)
+        original = env.nets_factory.networks_map[net]
 
-    def base_network(base_fn: Any) -> Any:
-        def network(images: Any, num_classes: Any = None, is_training: bool = False, **kwargs: Any) -> Any:
-            return base_fn(images, **kwargs)
-        return network
-
-    def with_base_kwargs(module: Any, net: str, base: str, option: str) -> Any:
-        """The slim net, its base network called with `option` (which the net does not forward)."""
-        def network(images: Any, **kwargs: Any) -> Any:
-            value = kwargs.pop(option)
-            original = getattr(module, base)
-            setattr(module, base, functools.partial(original, **{option: value}))
+        def network(images: Any, num_classes: Any = None, is_training: bool = False, *, _module: Any = module,
+                    _base: str = base_name, _options: tuple = options, _net: Any = original, **kwargs: Any) -> Any:
+            base_kwargs = {key: kwargs.pop(key) for key in list(kwargs) if key in _options}
+            base = getattr(_module, _base)
+            if "final_endpoint" in base_kwargs:
+                slim = _module.slim  # the nets set batch norm's and dropout's mode this way
+                with slim.arg_scope([slim.batch_norm, slim.dropout], is_training=is_training):
+                    return base(images, **base_kwargs, **kwargs)
+            setattr(_module, _base, functools.partial(base, **base_kwargs))
             try:
-                return getattr(module, net)(images, **kwargs)
+                return _net(images, num_classes=num_classes, is_training=is_training, **kwargs)
             finally:
-                setattr(module, base, original)
-        return network
+                setattr(_module, _base, base)
 
-    v2 = env.import_module("nets.inception_v2")
-
-    extras = {
-        "inception_v3_base_6a": (functools.partial(base_network(v3.inception_v3_base), final_endpoint="Mixed_6a"),
-                                 "inception_v3"),
-        "inception_resnet_v2_base_os8": (functools.partial(base_network(irv2.inception_resnet_v2_base),
-                                                           final_endpoint="PreAuxLogits", output_stride=8),
-                                         "inception_resnet_v2"),
-        "inception_resnet_v2_aligned": (functools.partial(with_base_kwargs(
-            irv2, "inception_resnet_v2", "inception_resnet_v2_base", "align_feature_maps"), align_feature_maps=True),
-            "inception_resnet_v2"),
-        "inception_v2_noseparable": (functools.partial(with_base_kwargs(
-            v2, "inception_v2", "inception_v2_base", "use_separable_conv"), use_separable_conv=False),
-            "inception_v2"),
-    }
-    for name, (function, like) in extras.items():
-        env.nets_factory.networks_map[name] = function
-        env.nets_factory.arg_scopes_map[name] = env.nets_factory.arg_scopes_map[like]
+        network.default_image_size = original.default_image_size
+        env.nets_factory.networks_map[net] = network
 
 
 SLIM_HOOKS.append(_register_inception_extras)

@@ -281,11 +281,21 @@ class AuxHead(nn.Module):
         head.is_logits = True
         self.add_module(logits_name, head)
 
+    def _wanted_kernel(self, height: int, width: int) -> tuple[int, int]:
+        """The conv kernel slim would build for a source map of height x width."""
+        pooled = (_window_out(height, 5, 3, "VALID"), _window_out(width, 5, 3, "VALID"))
+        if self.max_kernel:
+            return min(pooled[0], self.max_kernel), min(pooled[1], self.max_kernel)
+        return pooled
+
+    def fits(self, source: Tensor) -> bool:
+        """True when this head (built for one input size) can run on `source`, the map it branches off."""
+        return self._wanted_kernel(source.shape[2], source.shape[3]) == tuple(self.kernel)
+
     def forward(self, x: Tensor) -> Tensor:
         """Aux logits [N, classes] (v3 without spatial_squeeze: [N, classes, H, W])."""
+        wanted = self._wanted_kernel(x.shape[2], x.shape[3])
         x = self.pool(x)
-        wanted = (min(x.shape[2], self.max_kernel), min(x.shape[3], self.max_kernel)) if self.max_kernel \
-            else tuple(x.shape[2:])
         if tuple(wanted) != tuple(self.kernel):
             raise ConfigError(
                 f"the auxiliary head was built for a {self.kernel[0]}x{self.kernel[1]} kernel (from the image_size "
@@ -430,12 +440,16 @@ class InceptionNet(SlimNet):
         layer.is_logits = True
         logits.add_module(self.head_spec.logits_name, layer)
         trunk.Logits = logits
-        # Initialize only the new layers (the trunk keeps its weights); they follow the net's mode,
-        # so a head reset on an eval-mode net does not normalize with batch statistics.
+        # Initialize only the new layers (the trunk keeps its weights); they follow the net's mode
+        # (a head reset on an eval-mode net must not normalize with batch statistics) and live on
+        # the body's device and dtype (meta included).
+        reference = next(trunk.parameters(), None)
         for module in (trunk._modules.get("AuxLogits"), logits):
             if module is not None:
                 init_like_inception_arg_scope(module)
                 module.train(self.training)
+                if reference is not None:
+                    module.to(device=reference.device, dtype=reference.dtype)
 
     def aux_conv_name(self, image_size: int) -> str:
         """The aux conv's scope for a square input of `image_size` (v3 names it after its kernel:
@@ -540,7 +554,11 @@ class InceptionNet(SlimNet):
             if end_point is not None:
                 end_points[end_point] = x
         if self.has_aux:
-            end_points["AuxLogits"] = trunk.AuxLogits(end_points[self.aux_source])
+            source = end_points[self.aux_source]
+            # Evaluation never uses the aux head: at an input size other than the one the head was
+            # built for (e.g. --eval_image_size), eval mode leaves AuxLogits out instead of failing.
+            if self.training or trunk.AuxLogits.fits(source):
+                end_points["AuxLogits"] = trunk.AuxLogits(source)
         return x
 
     def _pool(self, net: Tensor, end_points: "OrderedDict[str, Tensor]") -> Tensor:
