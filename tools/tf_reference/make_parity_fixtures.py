@@ -168,6 +168,8 @@ INCEPTION_CONFIGS: dict[str, FixtureConfig] = {
     "inception_resnet_v2": FixtureConfig("inception_resnet_v2", 1001, 299),
     "inception_resnet_v2_107": FixtureConfig("inception_resnet_v2", 1001, 107),
     "inception_resnet_v2_aligned_99": FixtureConfig("inception_resnet_v2", 1001, 99, {"align_feature_maps": True}),
+    "inception_resnet_v2_relu6_noaux75": FixtureConfig("inception_resnet_v2", 1001, 75,
+                                                       {"activation_fn": "relu6", "create_aux_logits": False}),
     "inception_resnet_v2_base_os8": FixtureConfig("inception_resnet_v2", None, 75,
                                                   {"final_endpoint": "PreAuxLogits", "output_stride": 8}),
     # TF-written checkpoints (V1 and V2 formats), thin nets and few classes so they stay small.
@@ -198,6 +200,8 @@ def _register_inception_extras(env: Any) -> None:
         def network(images: Any, num_classes: Any = None, is_training: bool = False, *, _module: Any = module,
                     _base: str = base_name, _options: tuple = options, _net: Any = original, **kwargs: Any) -> Any:
             base_kwargs = {key: kwargs.pop(key) for key in list(kwargs) if key in _options}
+            if isinstance(kwargs.get("activation_fn"), str):  # 'relu6' in the golden -> tf.nn.relu6
+                kwargs["activation_fn"] = getattr(env.tf.nn, kwargs["activation_fn"])
             base = getattr(_module, _base)
             if "final_endpoint" in base_kwargs:
                 slim = _module.slim  # the nets set batch norm's and dropout's mode this way
