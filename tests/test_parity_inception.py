@@ -66,7 +66,7 @@ def _param(config: str, slow: bool = False):
     return pytest.param(config, marks=[pytest.mark.slow] if slow else [], id=config)
 
 
-@pytest.mark.parametrize("config", ALL_CONFIGS)
+@pytest.mark.parametrize("config", ALL_CONFIGS + ["inception_v2_ckpt", "inception_v3_ckpt"])
 def test_state_dict_matches_slim_variables(config):
     """Every torch tensor is a slim variable (names and converted shapes) and none is missing;
     built on the meta device, so the full nets cost nothing here."""
@@ -123,7 +123,7 @@ def test_matches_tf_slim(config):
                                                                 and golden.model_kwargs.get("create_aux_logits", True))
 
 
-@pytest.mark.parametrize("config, version", [])
+@pytest.mark.parametrize("config, version", [("inception_v2_ckpt", "V1"), ("inception_v3_ckpt", "V2")])
 def test_tf_written_checkpoint_reproduces_tf(config, version):
     """A checkpoint written by TensorFlow's own Saver (V1 single file / V2 index+data) loads through
     create_model and reproduces TF's logits and end points (AuxLogits included for v3)."""
