@@ -29,7 +29,8 @@ FULL_CONFIGS = ["inception_v1", "inception_v2", "inception_v3"]
 CHEAP_CONFIGS = ["inception_v1_gp160", "inception_v2_dm025", "inception_v2_dm025_gp97",
                  "inception_v2_dm025_noseparable", "inception_v3_dm025", "inception_v3_dm025_224",
                  "inception_v3_dm025_gp331", "inception_v3_dm025_headless", "inception_v3_dm025_base_6a",
-                 "inception_v4_107", "inception_resnet_v2_107", "inception_resnet_v2_aligned_99"]
+                 "inception_v4_107", "inception_resnet_v2_107", "inception_resnet_v2_aligned_99",
+                 "inception_resnet_v2_relu6_noaux75"]
 ALL_CONFIGS = FULL_CONFIGS + CHEAP_CONFIGS
 
 _TORCH_LEAVES = {"weights": "weight", "biases": "bias", "depthwise_weights": "depthwise_weight",
