@@ -25,12 +25,12 @@ from parity_support import GOLDEN_DIR
 from parity_support import golden as _golden
 from parity_support import nchw as _nchw
 
-FULL_CONFIGS = ["inception_v1", "inception_v2", "inception_v3"]
+FULL_CONFIGS = ["inception_v1", "inception_v2", "inception_v3", "inception_v4", "inception_resnet_v2"]
 CHEAP_CONFIGS = ["inception_v1_gp160", "inception_v2_dm025", "inception_v2_dm025_gp97",
                  "inception_v2_dm025_noseparable", "inception_v3_dm025", "inception_v3_dm025_224",
                  "inception_v3_dm025_gp331", "inception_v3_dm025_headless", "inception_v3_dm025_base_6a",
                  "inception_v4_107", "inception_resnet_v2_107", "inception_resnet_v2_aligned_99",
-                 "inception_resnet_v2_relu6_noaux75"]
+                 "inception_resnet_v2_relu6_noaux75", "inception_resnet_v2_base_os8"]
 ALL_CONFIGS = FULL_CONFIGS + CHEAP_CONFIGS
 
 _TORCH_LEAVES = {"weights": "weight", "biases": "bias", "depthwise_weights": "depthwise_weight",
