@@ -45,7 +45,11 @@ from typing import Any, Optional
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-DEFAULT_NETS = ("resnet_v1_50", "mobilenet_v1", "vgg_16")
+DEFAULT_NETS = ("resnet_v1_50", "mobilenet_v1", "vgg_16", "inception_v3", "inception_resnet_v2")
+#: Nets measured at their own default size instead of --image_size (slim's 299 for these).
+NET_IMAGE_SIZE = {"inception_v3": 299, "inception_v4": 299, "inception_resnet_v2": 299}
+#: train_image_classifier.py's weight on the AuxLogits loss (both sides train the aux head).
+AUX_LOSS_WEIGHT = 0.4
 TARGET_TRAIN_RATIO = 1.25
 # MobileNet v3 / EdgeTPU are not in /work/slim_src's nets_factory: the TF worker builds them from
 # research/slim's nets/mobilenet/mobilenet_v3.py of --slim_src_v3 (see tools/tf_reference/README.md,
@@ -103,7 +107,7 @@ def torch_worker(args: argparse.Namespace) -> dict[str, Any]:
         torch.backends.mkldnn.enabled = False
     spec = get_model_spec(args.net)
     num_classes = spec.checkpoint_num_classes
-    model = create_model(args.net, num_classes=num_classes)
+    model = create_model(args.net, num_classes=num_classes, image_size=args.image_size)
     memory_format = torch.channels_last if args.memory_format == "channels_last" else torch.contiguous_format
     model = model.to(memory_format=memory_format)
     images = torch.randn(args.batch, 3, args.image_size, args.image_size).contiguous(memory_format=memory_format)
@@ -122,7 +126,8 @@ def torch_worker(args: argparse.Namespace) -> dict[str, Any]:
                                     momentum=MOMENTUM)
 
         def step() -> None:
-            loss = softmax_loss(runner(images), labels)
+            logits, end_points = runner(images, with_end_points=True)
+            loss = softmax_loss(logits, labels, aux_logits=end_points.get("AuxLogits"), aux_weight=AUX_LOSS_WEIGHT)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -156,7 +161,7 @@ def tf_worker(args: argparse.Namespace) -> dict[str, Any]:
     env = load_slim(args.slim_src_v3 if v3_function else args.slim_src)
     tf = env.tf
     # slim's factory defaults (and the published checkpoints): 1001 classes for MobileNet, 1000 else.
-    num_classes = 1001 if args.net.startswith("mobilenet") else 1000
+    num_classes = 1001 if args.net.startswith(("mobilenet", "inception")) else 1000
     is_training = args.mode == "train"
     graph = tf.Graph()
     with graph.as_default():
@@ -170,12 +175,16 @@ def tf_worker(args: argparse.Namespace) -> dict[str, Any]:
         if v3_function is not None:
             v3 = env.import_module("nets.mobilenet.mobilenet_v3")
             with env.slim.arg_scope(v3.training_scope(weight_decay=WEIGHT_DECAY, is_training=is_training)):
-                logits, _ = getattr(v3, v3_function)(images, num_classes=num_classes, is_training=is_training)
+                logits, end_points = getattr(v3, v3_function)(images, num_classes=num_classes,
+                                                              is_training=is_training)
         else:
             network_fn = env.nets_factory.get_network_fn(args.net, num_classes=num_classes,
                                                          weight_decay=WEIGHT_DECAY, is_training=is_training)
-            logits, _ = network_fn(images)
+            logits, end_points = network_fn(images)
         if is_training:
+            if "AuxLogits" in end_points:  # as train_image_classifier.py
+                tf.losses.softmax_cross_entropy(tf.one_hot(labels, num_classes), end_points["AuxLogits"],
+                                                weights=AUX_LOSS_WEIGHT)
             tf.losses.softmax_cross_entropy(tf.one_hot(labels, num_classes), logits)
             total_loss = tf.losses.get_total_loss(add_regularization_losses=True)
             optimizer = tf.train.MomentumOptimizer(LEARNING_RATE, MOMENTUM)
@@ -231,7 +240,7 @@ def cpu_model() -> str:
 def run_worker(python: str, framework: str, net: str, mode: str, batch: int, args: argparse.Namespace) -> dict:
     """Run one measurement in a fresh interpreter and parse its JSON line."""
     command = [python, str(Path(__file__).resolve()), "--worker", framework, "--net", net, "--mode", mode,
-               "--batch", str(batch), "--image_size", str(args.image_size), "--threads", str(args.threads),
+               "--batch", str(batch), "--image_size", str(NET_IMAGE_SIZE.get(net, args.image_size)), "--threads", str(args.threads),
                "--warmup", str(args.warmup), "--min_steps", str(args.min_steps),
                "--min_seconds", str(args.min_seconds), "--slim_src", args.slim_src,
                "--slim_src_v3", args.slim_src_v3,

@@ -83,6 +83,8 @@ class TrainConfig(DataSettings):
     weight_decay: float = _flag(4e-5, "L2 on conv/fc weights (slim's regularizer: not on biases or BatchNorm; "
                                       "decoupled for adamw); frozen weights get none")
     label_smoothing: float = _flag(0.0, "label smoothing of the softmax cross-entropy")
+    aux_loss_weight: float = _flag(0.4, "weight of the loss on a net's auxiliary head (AuxLogits: Inception v3/v4, "
+                                        "Inception-ResNet-v2, NASNet), as slim's 0.4; 0 disables it")
     opt_epsilon: Optional[float] = _flag(None, "optimizer epsilon (default per optimizer: adam 1e-8, "
                                                "rmsprop 1.0 as TF, adadelta 1e-6; slim used 1.0 for all)")
     adadelta_rho: float = _flag(0.95, "Adadelta decay")

@@ -135,6 +135,91 @@ CONFIGS: dict[str, FixtureConfig] = {
                                                  "global_pool": False, "spatial_squeeze": False}),
     "resnet_v2_50_os8": FixtureConfig("resnet_v2_50", 1001, 97, {"output_stride": 8}),
 }
+# Functions called with the loaded slim environment before any fixture is made (e.g. to register
+# fixture-only networks in nets_factory's maps).
+SLIM_HOOKS: list[Any] = []
+
+# ---- BEGIN inception configs (issue 13: Inception v1-v4, Inception-ResNet-v2) ----------------------
+# Reduced widths (depth_multiplier) and small inputs keep the default-run goldens cheap; the full
+# nets at their published sizes are checked too (their tests run with -m slow). Sizes: v3's 224
+# renames AuxLogits/Conv2d_2a_5x5 to Conv2d_2a_3x3; 107 is the smallest input v3/v4/IRv2 accept
+# with their aux head. Options of slim's base networks that the net functions do not forward
+# (final_endpoint, use_separable_conv, align_feature_maps, output_stride) reach them through
+# `_register_inception_extras`; a config with final_endpoint runs the base only (no classes), and
+# its golden's logits are the base output.
+INCEPTION_CONFIGS: dict[str, FixtureConfig] = {
+    "inception_v1": FixtureConfig("inception_v1", 1001, 224),
+    "inception_v1_gp160": FixtureConfig("inception_v1", 1001, 160, {"global_pool": True}),
+    "inception_v2": FixtureConfig("inception_v2", 1001, 224),
+    "inception_v2_dm025": FixtureConfig("inception_v2", 1001, 224, {"depth_multiplier": 0.25}),
+    "inception_v2_dm025_gp97": FixtureConfig("inception_v2", 1001, 97, {"depth_multiplier": 0.25,
+                                                                       "global_pool": True}),
+    "inception_v2_dm025_noseparable": FixtureConfig("inception_v2", 1001, 150, {"depth_multiplier": 0.25,
+                                                                               "use_separable_conv": False}),
+    "inception_v3": FixtureConfig("inception_v3", 1001, 299),
+    "inception_v3_dm025": FixtureConfig("inception_v3", 1001, 299, {"depth_multiplier": 0.25}),
+    "inception_v3_dm025_224": FixtureConfig("inception_v3", 1001, 224, {"depth_multiplier": 0.25}),
+    "inception_v3_dm025_gp331": FixtureConfig("inception_v3", 1001, 331, {"depth_multiplier": 0.25,
+                                                                         "global_pool": True}),
+    "inception_v3_dm025_headless": FixtureConfig("inception_v3", 0, 299, {"depth_multiplier": 0.25}),
+    "inception_v3_dm025_base_6a": FixtureConfig("inception_v3", None, 150, {"depth_multiplier": 0.25,
+                                                                           "final_endpoint": "Mixed_6a"}),
+    "inception_v4": FixtureConfig("inception_v4", 1001, 299),
+    "inception_v4_107": FixtureConfig("inception_v4", 1001, 107),
+    "inception_resnet_v2": FixtureConfig("inception_resnet_v2", 1001, 299),
+    "inception_resnet_v2_107": FixtureConfig("inception_resnet_v2", 1001, 107),
+    "inception_resnet_v2_aligned_99": FixtureConfig("inception_resnet_v2", 1001, 99, {"align_feature_maps": True}),
+    "inception_resnet_v2_relu6_noaux75": FixtureConfig("inception_resnet_v2", 1001, 75,
+                                                       {"activation_fn": "relu6", "create_aux_logits": False}),
+    "inception_resnet_v2_base_os8": FixtureConfig("inception_resnet_v2", None, 75,
+                                                  {"final_endpoint": "PreAuxLogits", "output_stride": 8}),
+    # TF-written checkpoints (V1 and V2 formats), thin nets and few classes so they stay small.
+    "inception_v2_ckpt": FixtureConfig("inception_v2", 10, 64, {"depth_multiplier": 0.1, "global_pool": True},
+                                       checkpoint="v1"),
+    "inception_v3_ckpt": FixtureConfig("inception_v3", 10, 107, {"depth_multiplier": 0.1}, checkpoint="v2"),
+}
+CONFIGS.update(INCEPTION_CONFIGS)
+
+# Base-network options per net: (module, net function, base function, options the net does not forward).
+_INCEPTION_BASE_OPTIONS = {
+    "inception_v2": ("nets.inception_v2", "inception_v2_base", ("final_endpoint", "use_separable_conv")),
+    "inception_v3": ("nets.inception_v3", "inception_v3_base", ("final_endpoint",)),
+    "inception_v4": ("nets.inception_v4", "inception_v4_base", ("final_endpoint",)),
+    "inception_resnet_v2": ("nets.inception_resnet_v2", "inception_resnet_v2_base",
+                            ("final_endpoint", "align_feature_maps", "output_stride")),
+}
+
+
+def _register_inception_extras(env: Any) -> None:
+    """Let the Inception net functions take their base network's options: with final_endpoint the
+    base alone runs (slim's *_base(images, final_endpoint=...)); the other options reach the base
+    the net builds. Without them the nets are exactly slim's."""
+    for net, (module_name, base_name, options) in _INCEPTION_BASE_OPTIONS.items():
+        module = env.import_module(module_name)
+        original = env.nets_factory.networks_map[net]
+
+        def network(images: Any, num_classes: Any = None, is_training: bool = False, *, _module: Any = module,
+                    _base: str = base_name, _options: tuple = options, _net: Any = original, **kwargs: Any) -> Any:
+            base_kwargs = {key: kwargs.pop(key) for key in list(kwargs) if key in _options}
+            if isinstance(kwargs.get("activation_fn"), str):  # 'relu6' in the golden -> tf.nn.relu6
+                kwargs["activation_fn"] = getattr(env.tf.nn, kwargs["activation_fn"])
+            base = getattr(_module, _base)
+            if "final_endpoint" in base_kwargs:
+                slim = _module.slim  # the nets set batch norm's and dropout's mode this way
+                with slim.arg_scope([slim.batch_norm, slim.dropout], is_training=is_training):
+                    return base(images, **base_kwargs, **kwargs)
+            setattr(_module, _base, functools.partial(base, **base_kwargs))
+            try:
+                return _net(images, num_classes=num_classes, is_training=is_training, **kwargs)
+            finally:
+                setattr(_module, _base, base)
+
+        network.default_image_size = original.default_image_size
+        env.nets_factory.networks_map[net] = network
+
+
+SLIM_HOOKS.append(_register_inception_extras)
+# ---- END inception configs -----------------------------------------------------------------------
 
 
 # ---- MOBILENET_V3 block (begin) -----------------------------------------------------------------
@@ -347,6 +432,8 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     env = load_slim(args.slim_src)
+    for hook in SLIM_HOOKS:
+        hook(env)
     print(f"versions: {env.versions}")
     total = 0
     for name in names:

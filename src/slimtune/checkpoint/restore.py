@@ -23,7 +23,8 @@ from ..errors import CheckpointError, RestoreError
 from .mapping import NameMap, auto_align, leaf_synonyms
 from .names import (fit_torch_array, fit_torch_shape, is_norm_scope, strip_tensor_suffix, strip_wrappers,
                     tf_to_torch_array, tf_to_torch_shape, torch_to_slim)
-from .scopes import ScopesArg, common_net_scope, parse_scopes, select_names
+from .scopes import (ScopesArg, classifier_scopes_of, common_net_scope, expand_heads, in_scope, normalize_scope,
+                     parse_scopes, select_names)
 
 Shape = tuple[int, ...]
 CheckpointArg = Union[str, os.PathLike, Mapping]
@@ -151,7 +152,9 @@ class RestorePlan:
         lines = []
         exclude, ignore, name_map = (self.advice.get(k) for k in ("exclude", "ignore_missing", "name_map"))
         for fate in self.mismatched:
-            shapes = f"{fate.display}: checkpoint {_fmt(fate.checkpoint_shape)}, net {_fmt(fate.model_shape)}: "
+            why = f" ({fate.note})" if fate.note.startswith("renamed") else ""
+            shapes = (f"{fate.display}: checkpoint {_fmt(fate.checkpoint_shape)}, net {_fmt(fate.model_shape)}"
+                      f"{why}: ")
             if fate.note.startswith(INPUT_CHANNELS_NOTE):
                 stored, wanted = fate.note.split(":", 1)[1].split("->")
                 lines.append(shapes + f"the checkpoint's first conv reads {stored.strip()}-channel images, the net "
@@ -467,6 +470,8 @@ def plan_restore(model: nn.Module, checkpoint: CheckpointArg, exclude_scopes: Sc
     train's, TRAIN_ADVICE); a problem without such a flag is explained in words.
     """
     source, ckpt = _open(checkpoint)
+    exclude_scopes = expand_heads(exclude_scopes, model)
+    heads = [normalize_scope(h) for h in classifier_scopes_of(model)]
     rules = NameMap.parse(name_map)
     state = model.state_dict(keep_vars=True)
     model_keys = [k for k in state if not k.endswith("num_batches_tracked")]
@@ -555,6 +560,8 @@ def plan_restore(model: nn.Module, checkpoint: CheckpointArg, exclude_scopes: Sc
     for key in model_keys:
         target = tuple(state[key].shape)
         scope = _layer_scope(clean_of[key])
+        # A classifier head is excluded as a whole (slim's recipe: InceptionV3/Logits,InceptionV3/AuxLogits).
+        scope = next((head for head in heads if in_scope(scope, head)), scope)
         fate = TensorFate("missing", key, target, display=contract_name(key), note=notes.get(key, ""),
                           scope=scope.replace(".", "/") if slim else scope)
         if key in pairs:
@@ -590,6 +597,9 @@ def plan_restore(model: nn.Module, checkpoint: CheckpointArg, exclude_scopes: Sc
         from .layouts import architecture_differences
 
         plan.checkpoint_layout, plan.differences = architecture_differences(list(ckpt_by_clean), model)
+    explain = getattr(model, "explain_restore_plan", None)
+    if callable(explain):
+        explain(plan)  # e.g. a variable renamed by the input size, said in plain words
     return plan, ckpt, steps
 
 

@@ -141,3 +141,33 @@ def select_params(model: nn.Module, scopes: ScopesArg, flag: str = "--trainable_
     own_scope = getattr(model, "scope", None)
     net_scope = own_scope if isinstance(own_scope, str) and own_scope else "auto"
     return select_names(names, scopes, net_scope=net_scope, flag=flag)
+
+
+#: The word that stands for a net's classifier heads in --checkpoint_exclude_scopes / --trainable_scopes.
+HEADS = "heads"
+
+
+def classifier_scopes_of(model: nn.Module) -> tuple[str, ...]:
+    """The scopes a net marks as its classifier heads (main first, auxiliary after): the net's own
+    `classifier_scopes`, else its registry spec's, else its single `classifier_scope`."""
+    inner = getattr(model, "module", model)  # DDP / DataParallel wrappers
+    scopes = getattr(inner, "classifier_scopes", None)
+    if scopes is None:
+        spec = getattr(inner, "spec", None)
+        scopes = getattr(spec, "classifier_scopes", ()) or ()
+    if not scopes and getattr(inner, "classifier_scope", ""):
+        scopes = (inner.classifier_scope,)
+    return tuple(scopes)
+
+
+def expand_heads(scopes: ScopesArg, model: nn.Module) -> ScopesArg:
+    """Replace the word 'heads' by the net's classifier head scopes (Inception v3: InceptionV3/Logits,
+    InceptionV3/AuxLogits); a headless net has none, so the word then excludes nothing."""
+    items = [scopes] if isinstance(scopes, str) else list(scopes or [])
+    pieces = [piece.strip() for item in items for piece in str(item).split(",") if piece.strip()]
+    if not any(piece.lower() == HEADS for piece in pieces):
+        return scopes
+    expanded: list[str] = []
+    for piece in pieces:
+        expanded += list(classifier_scopes_of(model)) if piece.lower() == HEADS else [piece]
+    return expanded

@@ -139,7 +139,17 @@ def _import_user_target(target: str) -> ModelSpec:
                      default_image_size=getattr(builder, "default_image_size", 224),
                      preprocessing=getattr(builder, "preprocessing", ""),
                      checkpoint_num_classes=getattr(builder, "checkpoint_num_classes", 1000),
-                     scope=getattr(builder, "scope", function_name))
+                     scope=getattr(builder, "scope", function_name),
+                     # A builder with an image_size parameter gets the training/eval size, as
+                     # registered nets whose parameter shapes follow the input (Inception's aux head).
+                     sized_by_input=getattr(builder, "sized_by_input", _takes_image_size(builder)))
+
+
+def _takes_image_size(builder: Callable[..., nn.Module]) -> bool:
+    try:
+        return "image_size" in inspect.signature(builder).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def get_model_spec(name: str) -> ModelSpec:

@@ -35,7 +35,7 @@ from ..nets.registry import ModelSpec, get_model_spec
 from ..preprocessing import get_preprocessing
 from ..checkpoint import train_dir as ckpt
 from .freeze import apply_trainable_scopes, decay_groups
-from .losses import batch_accuracy, sigmoid_loss, softmax_loss
+from .losses import aux_logits_of, batch_accuracy, sigmoid_loss, softmax_loss
 from .optimizers import build_optimizer
 from ..runtime import Runtime, all_reduce_sum, default_num_workers, seed_everything, setup_runtime, teardown_runtime
 from .schedules import learning_rate_at
@@ -372,13 +372,13 @@ def _train(config: TrainConfig, runtime: Runtime) -> TrainResult:
                     group["lr"] = rate
                 with torch.autocast(runtime.device.type, dtype=autocast_dtype, enabled=config.amp):
                     logits, end_points = _forward(module, images)
-                    aux = end_points.get("AuxLogits") if isinstance(end_points, dict) else None
+                    aux = aux_logits_of(end_points, config.aux_loss_weight)
                     if multi_label:
                         loss = sigmoid_loss(logits.float(), targets, pos_weight,
-                                            aux.float() if aux is not None else None)
+                                            aux.float() if aux is not None else None, config.aux_loss_weight)
                     else:
                         loss = softmax_loss(logits.float(), targets, config.label_smoothing,
-                                            aux.float() if aux is not None else None)
+                                            aux.float() if aux is not None else None, config.aux_loss_weight)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)

@@ -3,26 +3,46 @@ cross-entropy for multi-label targets that may hold -1 (ignore) entries."""
 
 from __future__ import annotations
 
-from typing import Optional
+from collections.abc import Mapping
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..errors import ConfigError
+
 AUX_LOSS_WEIGHT = 0.4
+#: The end point every net with an auxiliary classifier records it under (slim's name).
+AUX_END_POINT = "AuxLogits"
+
+
+def aux_logits_of(end_points: Any, weight: float = AUX_LOSS_WEIGHT) -> Optional[Tensor]:
+    """The auxiliary head's logits [N, classes] from a net's end points, or None when the net has
+    none or its weight is 0 (then the head costs no loss). Any net that records `AuxLogits`
+    (Inception v3/v4, Inception-ResNet-v2, NASNet, a user's own) gets the aux loss this way."""
+    if weight < 0:
+        raise ConfigError(f"--aux_loss_weight must be >= 0 (0 disables the auxiliary loss), got {weight}")
+    if not weight or not isinstance(end_points, Mapping):
+        return None
+    aux = end_points.get(AUX_END_POINT)
+    if aux is None:
+        return None
+    return aux.flatten(1) if aux.dim() == 4 and aux.shape[2] == aux.shape[3] == 1 else aux
 
 
 def softmax_loss(logits: Tensor, labels: Tensor, label_smoothing: float = 0.0,
-                 aux_logits: Optional[Tensor] = None) -> Tensor:
-    """Mean softmax cross-entropy; an auxiliary head adds 0.4 x its own loss, as slim does."""
+                 aux_logits: Optional[Tensor] = None, aux_weight: float = AUX_LOSS_WEIGHT) -> Tensor:
+    """Mean softmax cross-entropy; an auxiliary head adds aux_weight (slim: 0.4) x its own loss,
+    with the same label smoothing, as slim's train_image_classifier does."""
     loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
-    if aux_logits is not None:
-        loss = loss + AUX_LOSS_WEIGHT * F.cross_entropy(aux_logits, labels, label_smoothing=label_smoothing)
+    if aux_logits is not None and aux_weight:
+        loss = loss + aux_weight * F.cross_entropy(aux_logits, labels, label_smoothing=label_smoothing)
     return loss
 
 
 def sigmoid_loss(logits: Tensor, targets: Tensor, pos_weight: Optional[Tensor] = None,
-                 aux_logits: Optional[Tensor] = None) -> Tensor:
+                 aux_logits: Optional[Tensor] = None, aux_weight: float = AUX_LOSS_WEIGHT) -> Tensor:
     """Sigmoid cross-entropy averaged over the labelled (non -1) entries."""
     def one(head: Tensor) -> Tensor:
         mask = (targets >= 0).to(head.dtype)
@@ -31,8 +51,8 @@ def sigmoid_loss(logits: Tensor, targets: Tensor, pos_weight: Optional[Tensor] =
         return (per_entry * mask).sum() / mask.sum().clamp(min=1)
 
     loss = one(logits)
-    if aux_logits is not None:
-        loss = loss + AUX_LOSS_WEIGHT * one(aux_logits)
+    if aux_logits is not None and aux_weight:
+        loss = loss + aux_weight * one(aux_logits)
     return loss
 
 
