@@ -144,11 +144,14 @@ def test_registry_records_what_the_front_door_needs(name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_forward_and_backward_reach_every_trainable_parameter(name):
-    """Training mode, logits [N, classes]; every parameter that requires grad gets one."""
+    """Training mode, logits [N, classes]; every parameter that requires grad gets one (the
+    auxiliary heads' through AuxLogits, as training's aux loss reaches them)."""
     model = _meta(name).train()
-    logits = model(_images(name))
+    logits, end_points = model(_images(name), with_end_points=True)
     assert tuple(logits.shape) == (BATCH, model.num_classes)
-    logits.sum().backward()
+    # Auxiliary heads train through their own loss (train/losses.py): sum their logits too.
+    loss = logits.sum() + (end_points["AuxLogits"].sum() if "AuxLogits" in end_points else 0)
+    loss.backward()
     missing = [key for key, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert not missing, f"no gradient reaches {missing[:5]}"
 

@@ -122,6 +122,10 @@ def _check_options(spec: ModelSpec, kwargs: dict[str, Any]) -> None:
 
 def _check_image_size(spec: ModelSpec, kwargs: dict[str, Any]) -> None:
     size = kwargs.get("image_size")
+    # The registry's minimum is the default architecture's; options (no aux head, global_pool, a
+    # final_endpoint) can lower it, and then the net's own check decides.
+    if set(kwargs) - {"image_size"}:
+        return
     if size is not None and spec.sized_by_input and int(size) < spec.min_image_size:
         raise ConfigError(f"{spec.name}: image_size={size} is too small; the smallest input is "
                           f"{spec.min_image_size}x{spec.min_image_size}")
