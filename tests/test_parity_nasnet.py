@@ -282,3 +282,40 @@ def test_gradient_checkpointing_gives_the_same_gradients_and_statistics(name):
         torch.testing.assert_close(grads_b[key], grads_a[key], rtol=1e-5, atol=1e-6, msg=key)
     for key in buffers_a:
         torch.testing.assert_close(buffers_b[key], buffers_a[key], rtol=0, atol=0, msg=key)
+
+
+# ------------------------------------------------------------------------------------------------
+# The training loop's hooks: the step reaches the net, --gradient_checkpointing reaches it too.
+
+_RECORDING_NET = '''
+from slimtune.nets.cifarnet import cifarnet
+
+STEPS = []
+
+
+def recording_net(num_classes=10, **kwargs):
+    model = cifarnet(num_classes, **kwargs)
+    model.gradient_checkpointing = False
+    model.set_training_step = STEPS.append
+    return model
+'''
+
+
+def test_train_loop_tells_the_net_its_step_and_checkpointing(tmp_path):
+    import sys
+
+    from slimtune.config import TrainConfig
+    from slimtune.train.loop import train
+
+    source = tmp_path / "recording_net.py"
+    source.write_text(_RECORDING_NET)
+    settings = dict(model_name=f"{source}:recording_net", dataset_name="digits", batch_size=16,
+                    optimizer="sgd", learning_rate=0.01, learning_rate_decay_type="fixed", num_workers=0,
+                    save_summaries_secs=1e9, save_interval_secs=1e9, max_number_of_steps=3,
+                    train_image_size=32, preprocessing_name="cifarnet")
+    train(TrainConfig(train_dir=str(tmp_path / "a"), gradient_checkpointing=True, **settings))
+    module = next(m for name, m in sys.modules.items() if name.startswith("slimtune_user_") and hasattr(m, "STEPS"))
+    assert module.STEPS == [0, 1, 2]
+    with pytest.raises(ConfigError, match="--gradient_checkpointing: lenet does not support it"):
+        train(TrainConfig(train_dir=str(tmp_path / "b"), gradient_checkpointing=True,
+                          **{**settings, "model_name": "lenet"}))

@@ -107,6 +107,9 @@ class TrainConfig(DataSettings):
     channels_last: Optional[bool] = _flag(None, "channels-last memory format (default: on)")
     amp: bool = _flag(False, "mixed precision (bfloat16 on CPU, float16 on CUDA)")
     config: Optional[str] = _flag(None, "YAML file with any of these settings (flags override it)")
+    gradient_checkpointing: bool = _flag(False, "recompute each cell in backward instead of keeping its "
+                                                "activations (nets with cells: NASNet, PNASNet); less memory, "
+                                                "about one more forward per step")
 
 
 @dataclass

@@ -427,7 +427,7 @@ class NASNet(SlimNet):
         self.kind, self.stem_type, self.config = kind, stem, config
         self.gradient_checkpointing = bool(gradient_checkpointing)
         self.image_size = int(image_size or default_image_size)
-        self._training_step = 0
+        self.training_step = 0
         bounded = bool(config.use_bounded_activation)
         self.bounded = bounded
         norm_settings = dict(batch_norm)
@@ -571,14 +571,10 @@ class NASNet(SlimNet):
         self.classifier_scopes = ("final_layer/FC", f"{aux_name}/aux_logits/FC")
 
     # Training step -----------------------------------------------------------------------------
-    def set_training_step(self, step: int) -> None:
-        """The current global step: drop path's keep probability grows with it (slim's current_step)."""
-        self._training_step = int(step)
-
     def cell_keep_prob(self, cell_num: int) -> float:
         """The drop-path keep probability of cell `cell_num` at the current training step."""
         return drop_path_keep_prob(self.config.drop_path_keep_prob, cell_num, self.total_num_cells,
-                                   self._training_step, self.config.total_training_steps)
+                                   self.training_step, self.config.total_training_steps)
 
     # The two hooks ------------------------------------------------------------------------------
     def _forward_features(self, x: Tensor, end_points: "OrderedDict[str, Tensor]") -> Tensor:
