@@ -110,6 +110,23 @@ def test_tf_written_checkpoint_reproduces_tf(config):
     assert_matches_golden(logits, end_points, golden)
 
 
+@pytest.mark.parametrize("name", [pytest.param(n, marks=[pytest.mark.slow] if n != "nasnet_mobile" else [])
+                                  for n in NAMES])
+def test_full_architecture_variables_match_slim(name):
+    """The published architectures (default hyper-parameters and size, aux head included) have
+    exactly TF-Slim's variable names and shapes (the aux conv's kernel covers its map: 4x4 at 224
+    and for cifar at 32, 6x6 at 331). nasnet_mobile runs by default, the rest with -m slow (meta
+    tensors, but thousands of modules)."""
+    with gzip.open(MANIFEST, "rt") as handle:
+        manifest = json.load(handle)[name]
+    with torch.device("meta"):
+        model = create_model(name)
+    expected = dict(_torch_name_and_shape(n, s) for n, s in manifest["variables"])
+    actual = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+    assert len(actual) == len(expected) == manifest["count"]
+    assert actual == expected
+
+
 # ------------------------------------------------------------------------------------------------
 # Registry.
 
