@@ -272,7 +272,7 @@ def test_any_input_size_in_eval(size):
 # ------------------------------------------------------------------------------------------------
 # Gradient checkpointing.
 
-@pytest.mark.parametrize("name", ["nasnet_large", "pnasnet_large"])
+@pytest.mark.parametrize("name", [pytest.param("nasnet_large", marks=pytest.mark.slow), "pnasnet_large"])
 def test_gradient_checkpointing_gives_the_same_gradients_and_statistics(name):
     """Recomputed cells give the same loss, gradients and BN moving statistics (updated once), with
     drop path active (the recomputation replays the same random draws)."""
