@@ -28,7 +28,7 @@ from parity_support import golden as _golden
 from parity_support import nchw as _nchw
 from parity_support import net_kwargs as _net_kwargs
 
-REDUCED = ["nasnet_cifar_r", "nasnet_mobile_r", "nasnet_large_r", "pnasnet_mobile_r"]
+REDUCED = ["nasnet_cifar_r", "nasnet_mobile_r", "nasnet_large_r", "pnasnet_mobile_r", "pnasnet_large_r"]
 FULL: list[str] = []
 NAMES = ["nasnet_cifar", "nasnet_mobile", "nasnet_large", "pnasnet_mobile", "pnasnet_large"]
 MANIFEST = Path(__file__).parent / "fixtures" / "nasnet_variables.json.gz"
