@@ -128,6 +128,9 @@ class TrainConfig(DataSettings):
     verbose: bool = _flag(False, "print the restore plan tensor by tensor (it is always saved as "
                                  "restore_plan.txt in train_dir)")
     config: Optional[str] = _flag(None, "YAML file with any of these settings (flags override it)")
+    gradient_checkpointing: bool = _flag(False, "recompute each cell in backward instead of keeping its "
+                                                "activations (nets with cells: NASNet, PNASNet); less memory, "
+                                                "about one more forward per step")
 
 
 @dataclass

@@ -91,6 +91,11 @@ class SlimNet(nn.Module):
         out, end_points = self.forward_endpoints(x)
         return (out, end_points) if with_end_points else out
 
+    def set_training_step(self, step: int) -> None:
+        """The global step about to run (the training loop calls this before each step): nets whose
+        training depends on progress, like NASNet's drop path, read it; the others ignore it."""
+        self.training_step = int(step)
+
     def get_classifier(self) -> nn.Module:
         """The main classifier layer (timm's name), or nn.Identity() when headless."""
         if not self.num_classes or not self.classifier_scope:

@@ -113,7 +113,12 @@ def _pos_weight(config: TrainConfig, source: Any, num_classes: int) -> Optional[
 def build_model(spec: ModelSpec, num_classes: int, config: TrainConfig) -> nn.Module:
     """The network, initialized from the seed."""
     torch.manual_seed(config.seed)
-    return spec.build(num_classes, image_size=config.train_image_size)
+    model = spec.build(num_classes, image_size=config.train_image_size)
+    if config.gradient_checkpointing:
+        if not hasattr(model, "gradient_checkpointing"):
+            raise ConfigError(f"--gradient_checkpointing: {spec.name} does not support it (NASNet and PNASNet do)")
+        model.gradient_checkpointing = True
+    return model
 
 
 def _warm_start(model: nn.Module, config: TrainConfig, runtime: Runtime) -> Any:
@@ -370,6 +375,8 @@ def _train(config: TrainConfig, runtime: Runtime) -> TrainResult:
                 rate = rate_at(step)
                 for group in optimizer.param_groups:
                     group["lr"] = rate
+                if hasattr(model, "set_training_step"):
+                    model.set_training_step(step)  # NASNet's drop path grows with training progress
                 with torch.autocast(runtime.device.type, dtype=autocast_dtype, enabled=config.amp):
                     logits, end_points = _forward(module, images)
                     aux = aux_logits_of(end_points, config.aux_loss_weight)
