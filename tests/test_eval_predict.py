@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from slimtune.cli import main
+from slimtune.errors import ConfigError
 from slimtune.config import EvalConfig, TrainConfig
 from slimtune.demo import write_held_out_images
 from slimtune.evaluate.run import evaluate_checkpoint, watch
@@ -117,3 +118,13 @@ def test_eval_of_a_misspelt_split_is_refused_and_writes_no_results(trained, tmp_
                  "validaton", "--num_workers", "0", "--eval_dir", str(eval_dir)]) == 2
     assert "no split 'validaton' (did you mean validation?)" in capsys.readouterr().err
     assert not eval_dir.exists() or not any(eval_dir.iterdir())
+
+
+def test_threshold_options_on_a_single_label_model_are_refused(trained, tmp_path, capsys):
+    assert main(["eval", "--checkpoint_path", str(trained), "--dataset_name", "digits", "--num_workers", "0",
+                 "--eval_dir", str(tmp_path), "--thresholds", "0.3", "--noreport"]) == 2
+    assert "--thresholds applies to multi-label models" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.json"))  # refused before evaluating
+    image = write_held_out_images(tmp_path / "one", count=1)[0]
+    with pytest.raises(ConfigError, match="--threshold applies to multi-label models"):
+        predict(str(trained), [str(image)], threshold=0.3, device="cpu")

@@ -60,10 +60,19 @@ def test_single_images_and_batches_mix(images):
     assert extract_features(net, "Net.conv1", pairs).shape == (7, 4, 6, 6)
 
 
-def test_unknown_end_point_lists_the_available_ones(images):
-    with pytest.raises(ConfigError, match="unknown end point 'fc7'.*available: Net/conv1, global_pool, Logits"):
-        extract_features(TwoLayerNet(), "fc7", images)
+def test_unknown_end_point_lists_the_nearest_and_the_available_ones(images):
+    with pytest.raises(ConfigError, match=r"no end point 'Logit' \(nearest: Logits\); its end points are "
+                                          r"Net/conv1, global_pool, Logits"):
+        extract_features(TwoLayerNet(), "Logit", images)
     assert endpoint_names(TwoLayerNet(), images[0]) == ["Net/conv1", "global_pool", "Logits"]
+
+
+def test_a_short_end_point_name_resolves_under_the_nets_scope(images):
+    net = TwoLayerNet()
+    net.scope = "Net"
+    torch.testing.assert_close(extract_features(net, "conv1", images), extract_features(net, "Net/conv1", images))
+    del net.scope  # without a scope, the one end point ending in /conv1 is still found
+    torch.testing.assert_close(extract_features(net, "conv1", images), extract_features(net, "Net/conv1", images))
 
 
 def test_needs_forward_endpoints_and_tensors(images):

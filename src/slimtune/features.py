@@ -7,6 +7,7 @@ tensors, or [N, C, H, W] batches, in any mix.
 
 from __future__ import annotations
 
+import difflib
 import json
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional, Sequence, Union
@@ -43,13 +44,26 @@ def _batches(images: Iterable[Any], batch_size: int) -> Iterator[Tensor]:
 
 
 def _pick(end_points: dict, endpoint: str, model: nn.Module) -> Tensor:
-    if endpoint in end_points:
-        return end_points[endpoint]
-    for spelling in (endpoint.replace(".", "/"), endpoint.replace("/", ".")):
-        if spelling in end_points:
-            return end_points[spelling]
-    available = ", ".join(end_points)
-    raise ConfigError(f"unknown end point '{endpoint}' for {type(model).__name__}; available: {available}")
+    scope = getattr(model, "scope", "") or ""
+    return end_points[resolve_endpoints(list(end_points), [endpoint], scope)[0]]
+
+
+def resolve_endpoints(available: list[str], wanted: list[str], scope: str) -> list[str]:
+    """Map requested end points onto the net's names; short forms resolve under its scope
+    (`block4` -> `resnet_v1_50/block4`). Unknown ones get one line with the nearest names."""
+    resolved = []
+    for name in wanted:
+        candidates = [name, f"{scope}/{name}", name.replace(".", "/"), name.replace("/", ".")]
+        found = next((c for c in candidates if c in available), None)
+        if found is None:
+            tails = [a for a in available if a.endswith("/" + name)]
+            found = tails[0] if len(tails) == 1 else None
+        if found is None:
+            close = difflib.get_close_matches(name, available, n=3, cutoff=0.4)
+            hint = f" (nearest: {', '.join(close)})" if close else ""
+            raise ConfigError(f"the net has no end point {name!r}{hint}; its end points are {', '.join(available)}")
+        resolved.append(found)
+    return list(dict.fromkeys(resolved))
 
 
 def endpoint_names(model: nn.Module, example: Tensor) -> list[str]:

@@ -94,6 +94,9 @@ def predict(checkpoint_path: Optional[str], inputs: Sequence[str], *, model_name
     size = image_size or (int(meta["image_size"]) if meta.get("image_size") else spec.default_image_size)
     preprocess = get_preprocessing(preprocessing_name or meta.get("preprocessing") or spec.preprocessing,
                                    is_training=False)
+    if threshold is not None and not multi_label:
+        raise ConfigError(f"--threshold applies to multi-label models; {weights.name} is single-label "
+                          "(use --top_k): drop --threshold")
     thresholds = np.full(len(names), 0.5 if threshold is None else threshold, dtype=np.float32)
     saved = weights.parent / THRESHOLDS_FILENAME
     if multi_label and threshold is None and saved.is_file():

@@ -12,7 +12,6 @@ saved as JSON and plotted, and the best head is saved with its backbone as a nor
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 import logging
@@ -35,6 +34,7 @@ from .data.labels import write_labels_file
 from .data.loader import build_loader
 from .errors import ConfigError, DataError
 from .evaluate.metrics import SingleLabelAccumulator, average_precisions
+from .features import resolve_endpoints
 from .nets.base import pooled_features
 from .nets.endpoint_head import EndpointHead
 from .nets.registry import ModelSpec, get_model_spec
@@ -75,24 +75,6 @@ def _source_identity(source: Any) -> str:
     for index in range(len(source)):
         digest.update(source.describe(index).encode("utf-8", "surrogateescape") + b"\n")
     return digest.hexdigest()[:20]
-
-
-def resolve_endpoints(available: list[str], wanted: list[str], scope: str) -> list[str]:
-    """Map requested end points onto the net's names; short forms resolve under its scope
-    (`block4` -> `resnet_v1_50/block4`). Unknown ones get one line with the nearest names."""
-    resolved = []
-    for name in wanted:
-        candidates = [name, f"{scope}/{name}", name.replace(".", "/")]
-        found = next((c for c in candidates if c in available), None)
-        if found is None:
-            tails = [a for a in available if a.endswith("/" + name)]
-            found = tails[0] if len(tails) == 1 else None
-        if found is None:
-            close = difflib.get_close_matches(name, available, n=3, cutoff=0.4)
-            hint = f" (nearest: {', '.join(close)})" if close else ""
-            raise ConfigError(f"the net has no end point {name!r}{hint}; its end points are {', '.join(available)}")
-        resolved.append(found)
-    return list(dict.fromkeys(resolved))
 
 
 def _file_stem(endpoint: str) -> str:

@@ -167,6 +167,9 @@ def evaluate_checkpoint(config: EvalConfig, checkpoint: Optional[Path] = None) -
     stem = _results_stem(config, weights, split)
     image_size = config.eval_image_size or (int(meta["image_size"]) if meta.get("image_size") else None)
     preprocessing_name = config.preprocessing_name or meta.get("preprocessing")
+    if config.thresholds and not multi_label:
+        raise ConfigError(f"--thresholds applies to multi-label models; {weights.name} is single-label "
+                          "(its prediction is the top class): drop --thresholds")
     thresholds = _thresholds(config, weights) if multi_label else 0.5
     results = evaluate_model(model, source, spec, preprocessing_name=preprocessing_name, image_size=image_size,
                              batch_size=config.batch_size, device=device, multi_label=multi_label,
