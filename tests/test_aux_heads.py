@@ -80,7 +80,7 @@ def thin_v3(num_classes=1001, image_size=299, **kwargs):
 
 FLAGS = ["--train_image_size", "107", "--batch_size", "4", "--max_number_of_steps", "2", "--num_workers", "0",
          "--optimizer", "sgd", "--learning_rate", "0.1", "--weight_decay", "0", "--save_summaries_secs", "1e9",
-         "--learning_rate_decay_type", "fixed"]
+         "--learning_rate_decay_type", "fixed", "--preprocessing_name", "inception"]
 
 
 @pytest.fixture(scope="module")

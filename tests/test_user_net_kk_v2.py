@@ -81,7 +81,7 @@ def kk_v2_file(tmp_path_factory) -> Path:
 
 
 FLAGS = ["--train_image_size", "107", "--batch_size", "2", "--max_number_of_steps", "1", "--num_workers", "0",
-         "--optimizer", "sgd", "--learning_rate", "0.01", "--save_summaries_secs", "1e9",
+         "--optimizer", "sgd", "--learning_rate", "0.01", "--save_summaries_secs", "1e9", "--preprocessing_name", "inception",
          "--checkpoint_exclude_scopes", "heads,KK_v2/Repeat_1/block17_1",
          "--trainable_scopes", "KK_v2/Logits,KK_v2/AuxLogits,KK_v2/Repeat_1/block17_1"]
 

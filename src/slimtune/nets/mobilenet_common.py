@@ -401,7 +401,27 @@ class LogitsScope(nn.Module):
         self.Conv2d_1c_1x1 = Conv2d(in_channels, num_classes, 1, padding="VALID", activation=None, bias=True)
 
 
-class MobileNet(SlimNet):
+class LogitsHead:
+    """The MobileNets' classifier (v1, v2, v3): dropout, then the 1x1 conv under `<scope>/Logits`,
+    initialized like the body (truncated normal of `_init_stddev`). Needs `scope`, `num_features`,
+    `_keep_prob` and `_init_stddev` set before `_make_head` runs."""
+
+    def _make_head(self, num_classes: int) -> None:
+        """dropout and the 'Logits' scope (removed when headless), not yet initialized."""
+        body = self._modules[self.scope]
+        self.dropout = dropout_module(self._keep_prob) if num_classes else None
+        if num_classes:
+            body.Logits = LogitsScope(self.num_features, num_classes)
+        elif "Logits" in body._modules:
+            del body._modules["Logits"]
+
+    def _build_classifier(self, num_classes: int) -> None:
+        self._make_head(num_classes)
+        if num_classes:
+            init_truncated_normal(self._modules[self.scope].Logits, self._init_stddev)
+
+
+class MobileNet(LogitsHead, SlimNet):
     """slim's nets/mobilenet/mobilenet.py classifier over a `build_trunk` op list.
 
     forward_endpoints gives slim's end points in slim's order: layer_1 ... layer_N, then each
@@ -436,20 +456,6 @@ class MobileNet(SlimNet):
         self.add_module(scope, body)
         self._make_head(num_classes)
         init_truncated_normal(self, init_stddev)
-
-    def _make_head(self, num_classes: int) -> None:
-        """dropout and the 'Logits' scope (removed when headless), not yet initialized."""
-        body = self._modules[self.scope]
-        self.dropout = dropout_module(self._keep_prob) if num_classes else None
-        if num_classes:
-            body.Logits = LogitsScope(self.num_features, num_classes)
-        elif "Logits" in body._modules:
-            del body._modules["Logits"]
-
-    def _build_classifier(self, num_classes: int) -> None:
-        self._make_head(num_classes)
-        if num_classes:
-            init_truncated_normal(self._modules[self.scope].Logits, self._init_stddev)
 
     def _forward_features(self, x: Tensor, end_points: "OrderedDict[str, Tensor]") -> Tensor:
         """The trunk (slim's mobilenet_base): the last layer's feature map, end points recorded."""

@@ -25,8 +25,8 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from .base import SlimNet, pooled_features
-from .layers import Conv2d, DepthwiseConv2d, batch_norm_factory, check_keep_prob, dropout_module, reduce_mean_hw
-from .mobilenet_common import LogitsScope, check_depth_multiplier, init_truncated_normal, relu6_
+from .layers import Conv2d, DepthwiseConv2d, batch_norm_factory, check_keep_prob, reduce_mean_hw
+from .mobilenet_common import LogitsHead, check_depth_multiplier, init_truncated_normal, relu6_
 from .registry import register_model
 
 #: slim's MOBILENETV1_CONV_DEFS: (stride, depth) of Conv2d_0, then of each separable layer.
@@ -42,7 +42,7 @@ BATCH_NORM_EPSILON = 0.001
 WEIGHTS_STDDEV = 0.09
 
 
-class MobileNetV1(SlimNet):
+class MobileNetV1(LogitsHead, SlimNet):
     """slim's mobilenet_v1 under the scope 'MobilenetV1'.
 
     Keyword arguments are slim's: depth_multiplier, min_depth (8), dropout_keep_prob (0.999),
@@ -98,23 +98,10 @@ class MobileNetV1(SlimNet):
         self._layer_names = tuple(names)
         self.num_features = channels
         self._keep_prob = check_keep_prob(self.scope, dropout_keep_prob)
+        self._init_stddev = WEIGHTS_STDDEV
         self.add_module(self.scope, body)
         self._make_head(num_classes)
         init_truncated_normal(self, WEIGHTS_STDDEV)
-
-    def _make_head(self, num_classes: int) -> None:
-        """dropout and the 'Logits' scope (removed when headless), not yet initialized."""
-        body = self._modules[self.scope]
-        self.dropout = dropout_module(self._keep_prob) if num_classes else None
-        if num_classes:
-            body.Logits = LogitsScope(self.num_features, num_classes)
-        elif "Logits" in body._modules:
-            del body._modules["Logits"]
-
-    def _build_classifier(self, num_classes: int) -> None:
-        self._make_head(num_classes)
-        if num_classes:
-            init_truncated_normal(self._modules[self.scope].Logits, WEIGHTS_STDDEV)
 
     def _forward_features(self, x: Tensor, end_points: "OrderedDict[str, Tensor]") -> Tensor:
         """slim's mobilenet_v1_base: Conv2d_0 ... Conv2d_13_pointwise, each an end point."""
