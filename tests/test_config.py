@@ -13,7 +13,7 @@ import yaml
 
 from slimtune.checkpoint import train_dir as ckpt
 from slimtune.cli import main
-from slimtune.config import EvalConfig, TrainConfig, build_config, config_to_dict, dump_config
+from slimtune.config import TrainConfig, build_config, config_to_dict, dump_config
 from slimtune.errors import ConfigError
 from slimtune.train.optimizers import build_optimizer, optimizer_names
 

@@ -16,7 +16,6 @@ import torch
 from safetensors.torch import save_file
 
 from slimtune.cli import main
-from slimtune.errors import ConfigError
 from slimtune.export import FORMATS, export
 from slimtune.export import run as export_run
 from slimtune.export.verify import VerificationError

@@ -6,7 +6,6 @@ eager net, image by image at each image's own size.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 

@@ -30,7 +30,6 @@ import tempfile
 import zlib
 from pathlib import Path
 
-import pytest
 
 SEED = 20261203
 MEMORY_BUDGET = 768 << 20          # address space a worker may add on top of its warmed-up size

@@ -12,7 +12,6 @@ list without computing anything (meta tensors).
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 

@@ -8,7 +8,6 @@ in the middle of a save.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess

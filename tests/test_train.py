@@ -17,7 +17,6 @@ from slimtune.config import TrainConfig, build_config
 from slimtune.errors import ConfigError
 from slimtune.config import EvalConfig
 from slimtune.evaluate.run import evaluate_checkpoint
-from slimtune.checkpoint import train_dir as ckpt
 from slimtune.train.loop import train
 
 

@@ -170,7 +170,7 @@ def features_command(*, model_name: Optional[str], endpoint: str, images: Sequen
     from .checkpoint.restore import FEATURES_ADVICE, restore
     from .data.decode import decode_image
     from .nets.registry import get_model_spec
-    from .predict import expand_inputs
+    from .data.folder import expand_inputs
     from .preprocessing import get_preprocessing
     from .runtime import pick_device
 

@@ -7,7 +7,6 @@ class whose sigmoid probability reaches its threshold (the per-class thresholds 
 
 from __future__ import annotations
 
-import glob
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,8 +16,8 @@ import numpy as np
 import torch
 
 from .data.decode import BadImageError, decode_image
-from .data.folder import IMAGE_EXTENSIONS, list_images
-from .errors import ConfigError, DataError
+from .data.folder import expand_inputs
+from .errors import ConfigError
 from .evaluate.run import THRESHOLDS_FILENAME, load_for_eval
 from .preprocessing import get_preprocessing
 from .runtime import pick_device
@@ -38,25 +37,6 @@ class Prediction:
         if self.error:
             data["error"] = self.error
         return json.dumps(data)
-
-
-def expand_inputs(inputs: Sequence[str]) -> list[Path]:
-    """Image files from paths, folders (recursively) and glob patterns, in the order given."""
-    found: list[Path] = []
-    for item in inputs:
-        path = Path(item).expanduser()
-        if path.is_dir():
-            found.extend(list_images(path))
-        elif path.is_file():
-            found.append(path)
-        elif any(ch in item for ch in "*?["):
-            matches = sorted(Path(p) for p in glob.glob(item, recursive=True))
-            found.extend(p for p in matches if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-        else:
-            raise DataError(f"{item}: no such image, folder or glob match")
-    if not found:
-        raise DataError(f"no images found in {', '.join(inputs)}")
-    return found
 
 
 def _class_names(meta: dict[str, str], weights: Path, count: int) -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -58,3 +59,22 @@ class ImageFolderSource(ImageSource):
     def targets(self) -> list[int]:
         """Class ids in order."""
         return [label for _, label in self.samples]
+
+
+def expand_inputs(inputs: Sequence[str]) -> list[Path]:
+    """Image files from paths, folders (recursively) and glob patterns, in the order given."""
+    found: list[Path] = []
+    for item in inputs:
+        path = Path(item).expanduser()
+        if path.is_dir():
+            found.extend(list_images(path))
+        elif path.is_file():
+            found.append(path)
+        elif any(ch in item for ch in "*?["):
+            matches = sorted(Path(p) for p in glob.glob(item, recursive=True))
+            found.extend(p for p in matches if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        else:
+            raise DataError(f"{item}: no such image, folder or glob match")
+    if not found:
+        raise DataError(f"no images found in {', '.join(inputs)}")
+    return found

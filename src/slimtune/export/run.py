@@ -210,7 +210,7 @@ def _calibration_batches(source: ExportSource, dataset_dir: Optional[str], count
     """Up to `count` preprocessed images from the user's dataset (an image folder or any slimtune source)."""
     if not dataset_dir:
         raise ConfigError("--quantize int8 needs --calibration_dataset_dir (images like those the model will see)")
-    from ..predict import expand_inputs
+    from ..data.folder import expand_inputs
     from .verify import VerificationImages
     from ..data.decode import BadImageError, decode_image
 

@@ -45,7 +45,7 @@ def load_verification_images(paths: Optional[Sequence[str]], channels: int, coun
     from ..data.decode import decode_image
 
     if paths:
-        from ..predict import expand_inputs
+        from ..data.folder import expand_inputs
 
         files = expand_inputs(paths)[:count]
         return VerificationImages([decode_image(p, channels, description=str(p)) for p in files],

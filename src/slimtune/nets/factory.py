@@ -127,7 +127,7 @@ def _check_image_size(spec: ModelSpec, kwargs: dict[str, Any]) -> None:
     if set(kwargs) - {"image_size"}:
         return
     if size is not None and spec.sized_by_input and int(size) < spec.min_image_size:
-        raise ConfigError(f"{spec.name}: image_size={size} is too small; the smallest input is "
+        raise ConfigError(f"{spec.name}: image_size={size} is too small; the net needs at least "
                           f"{spec.min_image_size}x{spec.min_image_size}")
 
 

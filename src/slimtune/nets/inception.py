@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from .base import SlimNet, pooled_features
-from .layers import (Activation, AvgPool2d, Conv2d, Linear, MaxPool2d, NormFactory, batch_norm_factory,
+from .layers import (Activation, AvgPool2d, Conv2d, Linear, MaxPool2d, NormFactory, batch_norm_factory, check_keep_prob,
                      dropout_module, flatten_nhwc, reduce_mean_hw, truncated_normal_, variance_scaling_)
 from .mobilenet_common import SeparableConv2d
 from .registry import register_model
@@ -326,13 +326,6 @@ def check_depth_multiplier(name: str, depth_multiplier: float) -> float:
     if not float(depth_multiplier) > 0:
         raise ConfigError(f"{name}: depth_multiplier must be greater than zero, got {depth_multiplier}")
     return float(depth_multiplier)
-
-
-def check_keep_prob(name: str, dropout_keep_prob: float) -> float:
-    """slim's dropout keep probability must lie in (0, 1]."""
-    if not 0.0 < float(dropout_keep_prob) <= 1.0:
-        raise ConfigError(f"{name}: dropout_keep_prob must be in (0, 1], got {dropout_keep_prob}")
-    return float(dropout_keep_prob)
 
 
 @dataclass
