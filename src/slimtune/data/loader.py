@@ -15,7 +15,9 @@ the per-image work runs on one thread.
 
 from __future__ import annotations
 
+import atexit
 import functools
+import multiprocessing  # imported before our atexit handler registers, so its own runs after ours
 import inspect
 import math
 import os
@@ -374,6 +376,22 @@ def _seed_worker(worker_id: int) -> None:
     for name in ("SIGINT", "SIGTERM", "SIGHUP"):
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), signal.SIG_IGN)
+
+
+def _kill_leftover_workers() -> None:
+    """At exit, SIGKILL loader workers still alive (a loader left mid-epoch by an exception).
+
+    multiprocessing's own exit handler SIGTERMs daemonic children and then joins them, but our
+    workers ignore SIGTERM (see `_seed_worker`), so that join would wait forever. This handler is
+    registered after multiprocessing's and therefore runs before it.
+    """
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+            child.join(timeout=5)
+
+
+atexit.register(_kill_leftover_workers)
 
 
 def build_loader(source: ImageSource | StreamSource, transform: Transform, image_size: tuple[int, int], *,
