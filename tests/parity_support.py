@@ -74,3 +74,22 @@ class FamilyCheckpoints:
             for file in self.directory.glob(f"{self.family}.ckpt*"):
                 file.unlink()
         self.family = self.path = None
+
+
+#: slim's variable leaf -> the torch parameter/buffer name (the documented naming rule).
+TORCH_LEAVES = {"weights": "weight", "biases": "bias", "depthwise_weights": "depthwise_weight",
+                "pointwise_weights": "pointwise_weight", "gamma": "weight", "beta": "bias",
+                "moving_mean": "running_mean", "moving_variance": "running_var"}
+
+
+def slim_to_torch_name_and_shape(name: str, shape) -> tuple[str, tuple[int, ...]]:
+    """slim variable (TF layout) -> torch state_dict key and shape, written out independently of slimtune."""
+    scope, leaf = name.rsplit("/", 1)
+    key = scope.replace("/", ".") + "." + TORCH_LEAVES[leaf]
+    if leaf == "depthwise_weights":   # [H, W, C, M] -> [C*M, 1, H, W]
+        return key, (shape[2] * shape[3], 1, shape[0], shape[1])
+    if len(shape) == 4:               # HWIO -> OIHW
+        return key, (shape[3], shape[2], shape[0], shape[1])
+    if len(shape) == 2:               # dense [in, out] -> [out, in]
+        return key, (shape[1], shape[0])
+    return key, tuple(shape)

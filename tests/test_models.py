@@ -25,6 +25,7 @@ from torch import nn
 
 from slimtune.errors import ConfigError
 from slimtune.nets import SlimNet, create_model, get_model_spec, list_models
+from parity_support import slim_to_torch_name_and_shape
 
 GOLDEN_DIR = Path(__file__).parent / "golden"
 BATCH = 2
@@ -32,9 +33,6 @@ BATCH = 2
 VALUE_TEST_MAX_PARAMS = 10_000_000
 
 # The documented naming rule, written out here independently of slimtune.checkpoint.names.
-_TORCH_LEAF = {"weights": "weight", "biases": "bias", "depthwise_weights": "depthwise_weight",
-               "pointwise_weights": "pointwise_weight", "gamma": "weight", "beta": "bias",
-               "moving_mean": "running_mean", "moving_variance": "running_var"}
 
 
 def _meta(name: str, num_classes: int | None = None, **kwargs) -> SlimNet:
@@ -95,17 +93,6 @@ def _value_param(name: str):
     return pytest.param(name, marks=[pytest.mark.slow] if slow else [], id=name)
 
 
-def _slim_to_torch(name: str, shape) -> tuple[str, tuple[int, ...]]:
-    """slim variable (TF layout) -> torch state_dict key and shape, by the documented rule."""
-    scope, leaf = name.rsplit("/", 1)
-    key = scope.replace("/", ".") + "." + _TORCH_LEAF[leaf]
-    if leaf == "depthwise_weights":   # [H, W, C, M] -> [C*M, 1, H, W]
-        return key, (shape[2] * shape[3], 1, shape[0], shape[1])
-    if len(shape) == 4:               # HWIO -> OIHW
-        return key, (shape[3], shape[2], shape[0], shape[1])
-    if len(shape) == 2:               # dense [in, out] -> [out, in]
-        return key, (shape[1], shape[0])
-    return key, tuple(shape)
 
 
 def _golden_header(path: Path) -> dict:
@@ -263,7 +250,7 @@ def test_state_dict_is_slims_variables(path):
     if get_model_spec(header["model_name"]).sized_by_input:
         kwargs["image_size"] = size
     model = _meta(header["model_name"], num_classes=num_classes, **kwargs)
-    expected = dict(_slim_to_torch(name, shape) for name, shape in header["variables"])
+    expected = dict(slim_to_torch_name_and_shape(name, shape) for name, shape in header["variables"])
     actual = {key: tuple(value.shape) for key, value in model.state_dict().items()}
     assert actual == expected
 

@@ -20,7 +20,7 @@ from slimtune.errors import ConfigError
 from slimtune.nets import create_model, get_model_spec
 from slimtune.testing import assert_matches_golden, seeded_slim_weights
 
-from parity_support import GOLDEN_DIR
+from parity_support import GOLDEN_DIR, slim_to_torch_name_and_shape
 from parity_support import golden as _golden
 from parity_support import nchw as _nchw
 
@@ -32,22 +32,8 @@ CHEAP_CONFIGS = ["inception_v1_gp160", "inception_v2_dm025", "inception_v2_dm025
                  "inception_resnet_v2_relu6_noaux75", "inception_resnet_v2_base_os8"]
 ALL_CONFIGS = FULL_CONFIGS + CHEAP_CONFIGS
 
-_TORCH_LEAVES = {"weights": "weight", "biases": "bias", "depthwise_weights": "depthwise_weight",
-                 "pointwise_weights": "pointwise_weight", "gamma": "weight", "beta": "bias",
-                 "moving_mean": "running_mean", "moving_variance": "running_var"}
 
 
-def _torch_name_and_shape(name: str, shape: tuple[int, ...]) -> tuple[str, tuple[int, ...]]:
-    """slim variable -> torch state_dict key and shape, written out independently of slimtune."""
-    scope, leaf = name.rsplit("/", 1)
-    key = scope.replace("/", ".") + "." + _TORCH_LEAVES[leaf]
-    if leaf == "depthwise_weights":   # [H, W, C, M] -> [C*M, 1, H, W]
-        return key, (shape[2] * shape[3], 1, shape[0], shape[1])
-    if len(shape) == 4:               # HWIO -> OIHW
-        return key, (shape[3], shape[2], shape[0], shape[1])
-    if len(shape) == 2:               # dense [in, out] -> [out, in]
-        return key, (shape[1], shape[0])
-    return key, tuple(shape)
 
 
 def _build_args(golden) -> tuple[str, int, dict]:
@@ -74,7 +60,7 @@ def test_state_dict_matches_slim_variables(config):
     name, classes, kwargs = _build_args(golden)
     with torch.device("meta"):
         model = create_model(name, num_classes=classes, **kwargs)
-    expected = dict(_torch_name_and_shape(n, s) for n, s in golden.variables)
+    expected = dict(slim_to_torch_name_and_shape(n, s) for n, s in golden.variables)
     actual = {key: tuple(value.shape) for key, value in model.state_dict().items()}
     assert sorted(set(expected) - set(actual)) == [] and sorted(set(actual) - set(expected)) == []
     assert actual == expected

@@ -19,7 +19,7 @@ from slimtune.nets import create_model, get_model_spec
 from slimtune.nets.mobilenet_common import make_divisible
 from slimtune.testing import assert_matches_golden, seeded_slim_weights
 
-from parity_support import GOLDEN_DIR, FamilyCheckpoints, sgd_losses
+from parity_support import GOLDEN_DIR, FamilyCheckpoints, sgd_losses, slim_to_torch_name_and_shape
 from parity_support import golden as _golden
 from parity_support import nchw as _nchw
 from parity_support import net_kwargs as _net_kwargs
@@ -45,8 +45,6 @@ V2_NAMES = ("mobilenet_v2", "mobilenet_v2_140", "mobilenet_v2_035")
 # What slim's headless net returns (before squeezing): the pooled map feeding the classifier.
 HEADLESS_END_POINT = {"MobilenetV1": "AvgPool_1a", "MobilenetV2": "global_pool"}
 
-_TORCH_LEAVES = {"weights": "weight", "biases": "bias", "depthwise_weights": "depthwise_weight",
-                 "gamma": "weight", "beta": "bias", "moving_mean": "running_mean", "moving_variance": "running_var"}
 
 
 
@@ -60,15 +58,6 @@ def _end_point_tolerance(golden) -> float:
 
 
 
-def _torch_name_and_shape(name: str, shape: tuple[int, ...]) -> tuple[str, tuple[int, ...]]:
-    """slim variable -> torch state_dict key and shape, written out independently of slimtune."""
-    scope, leaf = name.rsplit("/", 1)
-    key = scope.replace("/", ".") + "." + _TORCH_LEAVES[leaf]
-    if leaf == "depthwise_weights":   # [H, W, C, M] -> [C*M, 1, H, W]
-        return key, (shape[2] * shape[3], 1, shape[0], shape[1])
-    if len(shape) == 4:               # HWIO -> OIHW
-        return key, (shape[3], shape[2], shape[0], shape[1])
-    return key, tuple(shape)
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +119,7 @@ def test_headless_returns_slims_pooled_features(config):
     trunk = {name: value for name, value in seeded_slim_weights(golden.variables, golden.seed).items()
              if "/Logits/" not in name}
     assert len(trunk) == len(golden.variables) - 2   # the classifier's weights and biases
-    assert set(model.state_dict()) == {_torch_name_and_shape(name, value.shape)[0] for name, value in trunk.items()}
+    assert set(model.state_dict()) == {slim_to_torch_name_and_shape(name, value.shape)[0] for name, value in trunk.items()}
     restore(model, trunk)
     images = _nchw(golden)
     with torch.no_grad():

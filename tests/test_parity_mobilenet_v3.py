@@ -19,7 +19,7 @@ from slimtune.nets import create_model, get_model_spec
 from slimtune.nets.mobilenet_v3 import HARD_SIGMOID_SCALE, hard_sigmoid, hard_swish
 from slimtune.testing import assert_matches_golden, seeded_slim_weights
 
-from parity_support import GOLDEN_DIR, FamilyCheckpoints, sgd_losses
+from parity_support import GOLDEN_DIR, FamilyCheckpoints, sgd_losses, slim_to_torch_name_and_shape
 from parity_support import golden as _golden
 from parity_support import nchw as _nchw
 from parity_support import net_kwargs as _net_kwargs
@@ -42,19 +42,8 @@ CHECKPOINT_CONFIGS = [("mobilenet_v3_large_025_ckpt", "v2"), ("mobilenet_edgetpu
 NAMES = ("mobilenet_v3_large", "mobilenet_v3_small", "mobilenet_v3_large_minimalistic",
          "mobilenet_v3_small_minimalistic", "mobilenet_edgetpu", "mobilenet_edgetpu_075")
 
-_TORCH_LEAVES = {"weights": "weight", "biases": "bias", "depthwise_weights": "depthwise_weight",
-                 "gamma": "weight", "beta": "bias", "moving_mean": "running_mean", "moving_variance": "running_var"}
 
 
-def _torch_name_and_shape(name: str, shape: tuple[int, ...]) -> tuple[str, tuple[int, ...]]:
-    """slim variable -> torch state_dict key and shape, written out independently of slimtune."""
-    scope, leaf = name.rsplit("/", 1)
-    key = scope.replace("/", ".") + "." + _TORCH_LEAVES[leaf]
-    if leaf == "depthwise_weights":   # [H, W, C, M] -> [C*M, 1, H, W]
-        return key, (shape[2] * shape[3], 1, shape[0], shape[1])
-    if len(shape) == 4:               # HWIO -> OIHW
-        return key, (shape[3], shape[2], shape[0], shape[1])
-    return key, tuple(shape)
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +72,7 @@ def test_state_dict_matches_slim_variables(config):
     squeeze-excite convs with biases, Conv_2 with biases and no BN, fused blocks without depthwise."""
     golden = _golden(config)
     model = _model(golden.model_name, golden.num_classes, **_net_kwargs(golden))
-    expected = dict(_torch_name_and_shape(name, shape) for name, shape in golden.variables)
+    expected = dict(slim_to_torch_name_and_shape(name, shape) for name, shape in golden.variables)
     actual = {key: tuple(value.shape) for key, value in model.state_dict().items()}
     assert actual == expected
     assert model.classifier_scope.replace("/", ".") + ".weight" in actual
@@ -141,7 +130,7 @@ def test_headless_returns_slims_pooled_features(config):
     trunk = {name: value for name, value in seeded_slim_weights(golden.variables, golden.seed).items()
              if "/Logits/" not in name}
     assert len(trunk) == len(golden.variables) - 2   # the classifier's weights and biases
-    assert set(model.state_dict()) == {_torch_name_and_shape(name, value.shape)[0] for name, value in trunk.items()}
+    assert set(model.state_dict()) == {slim_to_torch_name_and_shape(name, value.shape)[0] for name, value in trunk.items()}
     restore(model, trunk)
     images = _nchw(golden)
     with torch.no_grad():
