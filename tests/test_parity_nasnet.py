@@ -23,7 +23,7 @@ from slimtune.nets import create_model, get_model_spec
 from slimtune.nets.nasnet import NASNet, drop_path
 from slimtune.testing import assert_matches_golden
 
-from parity_support import GOLDEN_DIR, FamilyCheckpoints
+from parity_support import GOLDEN_DIR, FamilyCheckpoints, slim_to_torch_name_and_shape
 from parity_support import golden as _golden
 from parity_support import nchw as _nchw
 from parity_support import net_kwargs as _net_kwargs
@@ -32,22 +32,6 @@ REDUCED = ["nasnet_cifar_r", "nasnet_mobile_r", "nasnet_large_r", "pnasnet_mobil
 FULL: list[str] = []
 NAMES = ["nasnet_cifar", "nasnet_mobile", "nasnet_large", "pnasnet_mobile", "pnasnet_large"]
 MANIFEST = Path(__file__).parent / "fixtures" / "nasnet_variables.json.gz"
-_TORCH_LEAVES = {"weights": "weight", "biases": "bias", "depthwise_weights": "depthwise_weight",
-                 "pointwise_weights": "pointwise_weight", "gamma": "weight", "beta": "bias",
-                 "moving_mean": "running_mean", "moving_variance": "running_var"}
-
-
-def _torch_name_and_shape(name: str, shape) -> tuple[str, tuple[int, ...]]:
-    """slim variable -> torch state_dict key and shape, written out independently of slimtune."""
-    scope, leaf = name.rsplit("/", 1)
-    key = scope.replace("/", ".") + "." + _TORCH_LEAVES[leaf]
-    if leaf == "depthwise_weights":   # [H, W, C, M] -> [C*M, 1, H, W]
-        return key, (shape[2] * shape[3], 1, shape[0], shape[1])
-    if len(shape) == 4:               # HWIO -> OIHW
-        return key, (shape[3], shape[2], shape[0], shape[1])
-    if len(shape) == 2:               # [in, out] -> [out, in]
-        return key, (shape[1], shape[0])
-    return key, tuple(shape)
 
 
 def _build(golden, **extra) -> NASNet:
@@ -70,7 +54,7 @@ def test_state_dict_matches_slim_variables(config):
     """Every torch tensor is one of slim's variables (training graph: with the aux head) and none is missing."""
     golden = _golden(config)
     model = _build(golden)
-    expected = dict(_torch_name_and_shape(name, shape) for name, shape in golden.variables)
+    expected = dict(slim_to_torch_name_and_shape(name, shape) for name, shape in golden.variables)
     actual = {key: tuple(value.shape) for key, value in model.state_dict().items()}
     assert actual == expected
 
@@ -121,7 +105,7 @@ def test_full_architecture_variables_match_slim(name):
         manifest = json.load(handle)[name]
     with torch.device("meta"):
         model = create_model(name)
-    expected = dict(_torch_name_and_shape(n, s) for n, s in manifest["variables"])
+    expected = dict(slim_to_torch_name_and_shape(n, s) for n, s in manifest["variables"])
     actual = {key: tuple(value.shape) for key, value in model.state_dict().items()}
     assert len(actual) == len(expected) == manifest["count"]
     assert actual == expected
