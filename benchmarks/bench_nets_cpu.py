@@ -107,7 +107,11 @@ def torch_worker(args: argparse.Namespace) -> dict[str, Any]:
         torch.backends.mkldnn.enabled = False
     spec = get_model_spec(args.net)
     num_classes = spec.checkpoint_num_classes
-    model = create_model(args.net, num_classes=num_classes, image_size=args.image_size)
+    # Only builders whose shapes follow the input (Inception's aux head, lenet) take image_size.
+    import inspect
+
+    sized = "image_size" in inspect.signature(spec.builder).parameters
+    model = create_model(args.net, num_classes=num_classes, **({"image_size": args.image_size} if sized else {}))
     memory_format = torch.channels_last if args.memory_format == "channels_last" else torch.contiguous_format
     model = model.to(memory_format=memory_format)
     images = torch.randn(args.batch, 3, args.image_size, args.image_size).contiguous(memory_format=memory_format)
