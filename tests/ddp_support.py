@@ -1,0 +1,60 @@
+"""Helpers for multi-process tests inside one pytest process: N ranks of a gloo group on localhost.
+
+`run_ranks(fn, world_size, tmp_path, *args)` starts `fn(rank, world_size, out_dir, *args)` in
+`world_size` fresh processes that share a FileStore-initialized gloo group, waits for them (with a
+timeout, so a deadlock fails the test instead of hanging it) and returns what each rank saved with
+`save_result` (a weights-only torch file per rank).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import traceback
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def _rank_main(fn: Callable[..., None], rank: int, world_size: int, out_dir: str, args: tuple) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=60),
+                            init_method=f"file://{out_dir}/store")
+    try:
+        fn(rank, world_size, Path(out_dir), *args)
+    except BaseException:
+        (Path(out_dir) / f"error-{rank}.txt").write_text(traceback.format_exc())
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def run_ranks(fn: Callable[..., None], world_size: int, out_dir: Path, *args: Any, timeout: float = 300) -> list[Any]:
+    """Run fn on `world_size` ranks; return each rank's saved result (see `save_result`)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    context = multiprocessing.get_context("spawn")
+    processes = [context.Process(target=_rank_main, args=(fn, rank, world_size, str(out_dir), args))
+                 for rank in range(world_size)]
+    for process in processes:
+        process.start()
+    try:
+        for process in processes:
+            process.join(timeout)
+    finally:
+        for process in processes:
+            if process.is_alive():
+                process.kill()
+                process.join()
+    errors = [p.read_text() for p in sorted(out_dir.glob("error-*.txt"))]
+    assert not errors, errors[0]
+    assert all(p.exitcode == 0 for p in processes), [p.exitcode for p in processes]
+    return [torch.load(out_dir / f"result-{rank}.pt", weights_only=True) for rank in range(world_size)]
+
+
+def save_result(out_dir: Path, rank: int, result: Any) -> None:
+    """Hand a rank's result (tensors, numbers, lists, dicts) back to `run_ranks`."""
+    torch.save(result, out_dir / f"result-{rank}.pt")
