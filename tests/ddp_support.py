@@ -58,3 +58,43 @@ def run_ranks(fn: Callable[..., None], world_size: int, out_dir: Path, *args: An
 def save_result(out_dir: Path, rank: int, result: Any) -> None:
     """Hand a rank's result (tensors, numbers, lists, dicts) back to `run_ranks`."""
     torch.save(result, out_dir / f"result-{rank}.pt")
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def launch_ranks(args: list[str], world_size: int, env: dict[str, str] | None = None,
+                 timeout: float = 600) -> list[tuple[int | None, str, str]]:
+    """Start `python -m slimtune.cli *args` as `world_size` ranks of one job, the way torchrun (or
+    SLURM's srun) sets them up, but each with its own stdout/stderr; return (exit code, stdout,
+    stderr) per rank. A rank still running after `timeout` seconds is killed (exit code None)."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    port = free_port()
+    processes = []
+    for rank in range(world_size):
+        rank_env = {**os.environ, **(env or {}), "RANK": str(rank), "LOCAL_RANK": str(rank),
+                    "WORLD_SIZE": str(world_size), "LOCAL_WORLD_SIZE": str(world_size),
+                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+        processes.append(subprocess.Popen([sys.executable, "-m", "slimtune.cli", *args], env=rank_env,
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    deadline = time.monotonic() + timeout
+    results = []
+    for process in processes:
+        try:
+            out, err = process.communicate(timeout=max(deadline - time.monotonic(), 1))
+            results.append((process.returncode, out, err))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            out, err = process.communicate()
+            results.append((None, out, err))
+    return results

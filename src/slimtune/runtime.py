@@ -23,6 +23,10 @@ class Runtime:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    # Training's progress, for the line that names a rank lost in a collective: whether every rank
+    # finished preparing (train.distributed.agree_on_setup), and the step being trained.
+    prepared: bool = False
+    step: int = 0
 
     @property
     def is_main(self) -> bool:
