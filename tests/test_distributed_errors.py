@@ -11,12 +11,16 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-
 from ddp_support import launch_ranks
+
 from slimtune.cli import main
 from slimtune.errors import DataError, SlimtuneError
 from slimtune.runtime import Runtime
-from slimtune.train.distributed import DistributedError, agree_on_setup, lost_ranks_error
+from slimtune.train.distributed import (
+    DistributedError,
+    agree_on_setup,
+    lost_ranks_error,
+)
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -31,6 +35,10 @@ from torch import nn
 from slimtune.errors import DataError
 
 
+def _this_rank(variable):
+    return os.environ.get(variable) is not None and os.environ.get(variable) == os.environ.get("RANK")
+
+
 class Stalling(nn.Sequential):
     step = 0
 
@@ -38,13 +46,13 @@ class Stalling(nn.Sequential):
         self.step = step
 
     def forward(self, images):
-        if self.training and self.step == 2 and os.environ.get("STALL_ON_RANK") == os.environ.get("RANK"):
+        if self.training and self.step == 2 and _this_rank("STALL_ON_RANK"):
             time.sleep(float(os.environ.get("STALL_SECONDS", "20")))
         return super().forward(images)
 
 
 def misbehaving(num_classes, **kwargs):
-    if os.environ.get("FAIL_ON_RANK") == os.environ.get("RANK"):
+    if _this_rank("FAIL_ON_RANK"):
         raise DataError("labels.txt on this node lists 7 classes, the data 10: fix the dataset copy")
     return Stalling(nn.Conv2d(3, 8, 3, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                     nn.Linear(8, num_classes))
@@ -93,8 +101,8 @@ def test_a_train_dir_of_another_class_count_stops_every_rank_the_same(net_file, 
     ranks = launch_ranks(_args(net_file, train_dir), 2, _env(), timeout=300)
     lines = {_last_line(stderr) for _, _, stderr in ranks}
     assert [code for code, _, _ in ranks] == [2, 2]
-    assert lines == {f"slimtune: error: train_dir {train_dir} holds a 12-class checkpoint but this run has 10 "
-                     f"classes: use another --train_dir"}
+    assert lines == {(f"slimtune: error: train_dir {train_dir} holds a 12-class checkpoint but this run has 10 "
+                      f"classes: use another --train_dir")}
 
 
 @pytest.mark.slow

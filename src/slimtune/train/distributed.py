@@ -135,9 +135,9 @@ def agree_on_setup(runtime: Runtime, error: Optional[BaseException]) -> Optional
     if not failures:
         return None
     class_name, _, message = failures[0].partition("\0")
-    if error is not None and not isinstance(error, SlimtuneError) and not class_name:
-        if message.startswith(f"rank {runtime.rank} "):
-            return error  # this rank's own bug: its traceback is the useful report
+    if error is not None and not isinstance(error, SlimtuneError) and not class_name \
+            and message.startswith(f"rank {runtime.rank} "):
+        return error  # this rank's own bug: its traceback is the useful report
     kind = getattr(errors, class_name, None) if class_name else None
     if not (isinstance(kind, type) and issubclass(kind, SlimtuneError)):
         kind = DistributedError
@@ -162,7 +162,7 @@ def _store() -> Any:
         from torch.distributed.distributed_c10d import _get_default_store
 
         return _get_default_store()
-    except Exception:  # no group, or a torch without it
+    except Exception:  # noqa: BLE001  (no group, or a torch without this private helper: no names then)
         return None
 
 
@@ -192,7 +192,7 @@ def lost_ranks_error(error: BaseException, runtime: Runtime, timeout_secs: Optio
                     break
                 time.sleep(0.2)
             missing = [rank for rank in range(runtime.world_size) if rank not in present]
-        except Exception:  # the store went too (its host is the stuck process): say what we know
+        except Exception:  # noqa: BLE001  (the store went too, its host being the stuck process: say what we know)
             missing = None
     if missing:
         who = f"rank {missing[0]}" if len(missing) == 1 else f"ranks {_or_list(missing, 'and')}"

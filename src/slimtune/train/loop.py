@@ -393,9 +393,9 @@ def _train(config: TrainConfig, runtime: Runtime) -> TrainResult:
     checked_unused = False
     # Every rank prepared: from here on they meet in collectives (DDP's first is in its constructor).
     settled = agree_on_setup(runtime, None)
+    runtime.prepared = True  # (also when another rank failed: the agreement is over either way)
     if settled is not None:
         raise settled
-    runtime.prepared = True
     if runtime.distributed:
         # DDP wraps a module whose forward is forward_endpoints: the same forward, end points (aux
         # heads) included, as a single process runs, and DDP's gradient hooks see all of it.
