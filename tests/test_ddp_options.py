@@ -11,17 +11,18 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from ddp_support import launch_ranks
+from ddp_support import launch_ranks, run_ranks, save_result
 from safetensors.torch import load_file
 from test_aux_heads import FLAGS, thin_v3_file  # noqa: F401  (a fixture)
 from torch import nn
 
 from slimtune.cli import main
+from slimtune.errors import ConfigError
 from slimtune.nets.inception import InceptionV3
 from slimtune.runtime import Runtime, seed_everything
-from slimtune.train.distributed import unused_parameters, wrap_ddp
+from slimtune.train.distributed import rank0_then_wait, unused_parameters, wrap_ddp
 from slimtune.train.freeze import aux_head_parameters, freeze_aux_head
-from slimtune.train.loop import _forward
+from slimtune.train.loop import _enable_sync_batch_norm, _forward
 from slimtune.train.losses import aux_logits_of, softmax_loss
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -84,8 +85,8 @@ def test_a_weightless_aux_head_is_frozen_so_no_tensor_waits_for_a_gradient():
 
 
 @pytest.mark.slow
-def test_frozen_scopes_and_a_weightless_aux_head_train_under_ddp_without_find_unused(  # noqa: F811
-        thin_v3_file, cats_vs_dogs, tmp_path):
+def test_frozen_scopes_and_a_weightless_aux_head_train_under_ddp_without_find_unused(
+        thin_v3_file, cats_vs_dogs, tmp_path):  # noqa: F811
     args = ["train", "--model_name", f"{thin_v3_file}:thin_v3", "--dataset_dir", str(cats_vs_dogs),
             "--train_dir", str(tmp_path / "run"), "--aux_loss_weight", "0",
             "--trainable_scopes", "InceptionV3/Logits,InceptionV3/AuxLogits,InceptionV3/Mixed_7c", *FLAGS]
@@ -165,3 +166,26 @@ def test_ddp_works_under_bf16_autocast(group_of_one):
     assert logits.dtype == torch.bfloat16
     F.cross_entropy(logits.float(), torch.tensor([0, 1, 0, 1])).backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
+
+
+def test_sync_batch_norm_refuses_torch_batch_norm_on_cpu():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    with pytest.raises(ConfigError, match=r"--sync_batch_norm: 1 torch.nn BatchNorm layers \(1, ...\) synchronize on "
+                                          r"CUDA only"):
+        _enable_sync_batch_norm(model, Runtime(torch.device("cpu"), 0, 2))
+
+
+def _slow_save_then_look(rank: int, world_size: int, out_dir: Path) -> None:
+    import time
+
+    if rank == 0:
+        time.sleep(2)  # a checkpoint that takes a while to write
+        (out_dir / "model.ckpt-5.safetensors").write_text("saved")
+    rank0_then_wait(Runtime(torch.device("cpu"), rank, world_size))
+    save_result(out_dir, rank, {"saw_checkpoint": (out_dir / "model.ckpt-5.safetensors").exists()})
+
+
+@pytest.mark.slow
+def test_the_other_ranks_wait_until_rank_0_has_saved(tmp_path):
+    results = run_ranks(_slow_save_then_look, 3, tmp_path)
+    assert [result["saw_checkpoint"] for result in results] == [True, True, True]

@@ -25,7 +25,8 @@ from slimtune.train.distributed import (
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 # A small net whose ranks misbehave on request: $FAIL_ON_RANK fails while the net is built (as a
-# rank whose node holds other data would), $STALL_ON_RANK stops answering at step 2.
+# rank whose node holds other data would), $STALL_ON_RANK stops answering at step 2, $UNUSED_LAYER
+# adds a trainable layer the loss never reaches.
 MISBEHAVING_NET = '''
 import os
 import time
@@ -39,8 +40,14 @@ def _this_rank(variable):
     return os.environ.get(variable) is not None and os.environ.get(variable) == os.environ.get("RANK")
 
 
-class Stalling(nn.Sequential):
-    step = 0
+class Misbehaving(nn.Module):
+    def __init__(self, num_classes):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                  nn.Linear(8, num_classes))
+        if os.environ.get("UNUSED_LAYER"):
+            self.unused = nn.Linear(8, 8)  # trainable, never reached by the loss
+        self.step = 0
 
     def set_training_step(self, step):
         self.step = step
@@ -48,14 +55,13 @@ class Stalling(nn.Sequential):
     def forward(self, images):
         if self.training and self.step == 2 and _this_rank("STALL_ON_RANK"):
             time.sleep(float(os.environ.get("STALL_SECONDS", "20")))
-        return super().forward(images)
+        return self.body(images)
 
 
 def misbehaving(num_classes, **kwargs):
     if _this_rank("FAIL_ON_RANK"):
         raise DataError("labels.txt on this node lists 7 classes, the data 10: fix the dataset copy")
-    return Stalling(nn.Conv2d(3, 8, 3, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                    nn.Linear(8, num_classes))
+    return Misbehaving(num_classes)
 
 
 misbehaving.default_image_size = 28
@@ -138,3 +144,15 @@ def test_alone_an_error_stays_what_it_was():
     assert agree_on_setup(runtime, error) is error
     assert agree_on_setup(runtime, None) is None
     assert issubclass(DistributedError, SlimtuneError)  # the CLI prints it as one line, exit status 2
+
+
+@pytest.mark.slow
+def test_a_trainable_tensor_without_gradient_is_named_unless_find_unused_parameters(net_file, tmp_path):
+    ranks = launch_ranks(_args(net_file, tmp_path / "refused"), 2, _env(UNUSED_LAYER="1"), timeout=300)
+    assert [code for code, _, _ in ranks] == [2, 2]
+    assert {_last_line(stderr) for _, _, stderr in ranks} == {
+        "slimtune: error: 2 trainable tensors get no gradient from the loss (unused.weight, unused.bias): freeze "
+        "them with --trainable_scopes, or pass --find_unused_parameters (slower: it searches the graph every step)"}
+    ranks = launch_ranks(_args(net_file, tmp_path / "searched", "--find_unused_parameters"), 2,
+                         _env(UNUSED_LAYER="1"), timeout=300)
+    assert [code for code, _, _ in ranks] == [0, 0], ranks[0][2][-2000:]

@@ -191,7 +191,10 @@ def train(config: TrainConfig) -> TrainResult:
         if runtime.distributed and not runtime.prepared:
             # This rank failed while preparing: tell the others (waiting in agree_on_setup), so
             # that every rank stops with the same line instead of waiting for this one.
-            settled = agree_on_setup(runtime, error)
+            try:
+                settled = agree_on_setup(runtime, error)
+            except Exception:  # noqa: BLE001  (the others are gone too: this rank's own error is the news)
+                raise error from None
             if settled is not error:
                 raise settled from None
         elif runtime.distributed and looks_like_lost_rank(error):
