@@ -131,6 +131,17 @@ class TrainConfig(DataSettings):
     gradient_checkpointing: bool = _flag(False, "recompute each cell in backward instead of keeping its "
                                                 "activations (nets with cells: NASNet, PNASNet); less memory, "
                                                 "about one more forward per step")
+    # Running on many processes (torchrun); all of these are ignored by a single process.
+    sync_batch_norm: bool = _flag(False, "BatchNorm statistics over the global batch of all processes (training "
+                                         "with a small batch per GPU); one all-reduce per BatchNorm layer")
+    find_unused_parameters: bool = _flag(False, "DDP searches the graph every step for trainable tensors the loss "
+                                                "does not reach; needed only by nets with such tensors (frozen "
+                                                "scopes and an aux head at --aux_loss_weight 0 do not need it)")
+    bucket_cap_mb: float = _flag(25.0, "DDP gradient bucket size in MB: each bucket is all-reduced as soon as "
+                                       "backward has filled it, overlapping communication with backward")
+    distributed_timeout: Optional[float] = _flag(None, "seconds a collective waits for a rank that stopped "
+                                                       "responding before every rank stops with a line naming it "
+                                                       "(default: torch's, 30 min gloo / 10 min NCCL)")
 
 
 @dataclass
@@ -299,7 +310,8 @@ RANGES: dict[str, tuple[Any, Any]] = {
     "log_every_n_steps": (1, None), "save_every_n_steps": (1, None), "keep_checkpoint_max": (1, None),
     "eval_every_n_steps": (1, None), "save_interval_secs": (0.0, None), "save_summaries_secs": (0.0, None),
     "max_num_batches": (1, None), "eval_interval_secs": (0.0, None), "timeout_secs": (0.0, None),
-    "seed": (0, None), "validation_fraction": ([0.0], [1.0]),
+    "seed": (0, None), "validation_fraction": ([0.0], [1.0]), "bucket_cap_mb": ([0.0], None),
+    "distributed_timeout": ([0.0], None),
 }
 # Durations where infinity means "never"; every other float must be finite.
 _INFINITE_OK = {"save_interval_secs", "save_summaries_secs", "eval_interval_secs", "timeout_secs"}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Optional
 
 import numpy as np
@@ -22,6 +23,10 @@ class Runtime:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    # Training's progress, for the line that names a rank lost in a collective: whether every rank
+    # finished preparing (train.distributed.agree_on_setup), and the step being trained.
+    prepared: bool = False
+    step: int = 0
 
     @property
     def is_main(self) -> bool:
@@ -44,8 +49,12 @@ def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     return device
 
 
-def setup_runtime(device: str = "auto") -> Runtime:
-    """Join the torchrun process group when launched by torchrun, else run alone."""
+def setup_runtime(device: str = "auto", timeout_secs: Optional[float] = None) -> Runtime:
+    """Join the torchrun process group when launched by torchrun, else run alone.
+
+    `timeout_secs` bounds how long a collective (and the rendezvous) waits for a rank that stopped
+    responding; None keeps torch's default (10 minutes for NCCL, 30 for gloo).
+    """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return Runtime(pick_device(device))
@@ -54,7 +63,12 @@ def setup_runtime(device: str = "auto") -> Runtime:
     if not dist.is_initialized():
         if chosen.type == "cuda":
             torch.cuda.set_device(chosen)
-        dist.init_process_group(backend="nccl" if chosen.type == "cuda" else "gloo")
+            # NCCL's watchdog would otherwise kill the process on a timeout (SIGABRT, no message):
+            # aborting only the communicator lets the waiting collective raise, so the training
+            # loop can name the rank that stopped answering.
+            os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
+        options = {"timeout": timedelta(seconds=timeout_secs)} if timeout_secs else {}
+        dist.init_process_group(backend="nccl" if chosen.type == "cuda" else "gloo", **options)
     return Runtime(chosen, rank, world_size, local_rank)
 
 
@@ -64,8 +78,12 @@ def teardown_runtime(runtime: Runtime) -> None:
         dist.destroy_process_group()
 
 
-def seed_everything(seed: int, deterministic: bool = False) -> None:
-    """Seed torch, numpy and random; with `deterministic`, make kernels repeatable too."""
+def seed_everything(seed: int, deterministic: bool = False, device: Optional[torch.device] = None) -> None:
+    """Seed torch, numpy and random; with `deterministic`, make kernels repeatable too.
+
+    On a CUDA `device` without `deterministic`, cuDNN benchmarks its convolution algorithms once
+    per input shape and keeps the fastest (training shapes repeat every step).
+    """
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
@@ -74,6 +92,8 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
+    elif device is not None and device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
 
 
 def default_num_workers(requested: Optional[int]) -> int:

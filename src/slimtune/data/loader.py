@@ -212,8 +212,11 @@ class EpochSampler(Sampler[tuple[int, int]]):
     """
 
     def __init__(self, num_samples: int, shuffle: bool, seed: int, rank: int = 0, world_size: int = 1,
-                 drop_last: bool = False) -> None:
+                 drop_last: bool = False, epoch_size: Optional[int] = None) -> None:
         self.num_samples = num_samples
+        # A run resumed at another world size keeps the epoch of the run that started it: the
+        # first `epoch_size` samples of each epoch's order (None: all).
+        self.epoch_size = epoch_size
         self.shuffle, self.seed = shuffle, seed
         self.rank, self.world_size = rank, world_size
         self.drop_last = drop_last
@@ -229,6 +232,8 @@ class EpochSampler(Sampler[tuple[int, int]]):
             order = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_samples).tolist()
         else:
             order = list(range(self.num_samples))
+        if self.epoch_size is not None:
+            order = order[:self.epoch_size]
         if self.world_size == 1:
             return order
         if self.drop_last:
@@ -397,12 +402,15 @@ atexit.register(_kill_leftover_workers)
 def build_loader(source: ImageSource | StreamSource, transform: Transform, image_size: tuple[int, int], *,
                  batch_size: int, training: bool, channels: int = 3, num_workers: int = 0, seed: int = 0,
                  on_bad_image: str = "skip", rank: int = 0, world_size: int = 1, drop_last: Optional[bool] = None,
-                 labels_offset: int = 0, pin_memory: bool = False, draft: Optional[bool] = None) -> DataLoader:
+                 labels_offset: int = 0, pin_memory: bool = False, draft: Optional[bool] = None,
+                 epoch_size: Optional[int] = None) -> DataLoader:
     """A DataLoader of `Batch`es over any source; training shuffles, evaluation keeps order.
 
     `draft` (default: `training`) allows reduced-size JPEG decoding: by the crop each image's
     draws need for slimtune's vgg / inception training preprocessing, else down to the output
     size. `pin_memory=True` (for CUDA training) hands out batches in page-locked memory.
+    `epoch_size` keeps each epoch to the first that many samples of its order (sources with random
+    access; a run resumed at another world size keeps its epochs this way).
     """
     draft = training if draft is None else draft
     maker = _SampleMaker(transform, image_size, channels, source.multi_label, on_bad_image, draft, seed,
@@ -425,7 +433,7 @@ def build_loader(source: ImageSource | StreamSource, transform: Transform, image
     # Training under DDP: every rank gets the same number of samples (a rank with one batch fewer
     # would leave the others waiting in an all-reduce); a partial last batch is the caller's choice.
     sampler = EpochSampler(len(dataset), shuffle=training, seed=seed, rank=rank, world_size=world_size,
-                           drop_last=(drop_last or training) and world_size > 1)
+                           drop_last=(drop_last or training) and world_size > 1, epoch_size=epoch_size)
     if num_workers and not pin_memory:
         # Pinned batches are copied out of shared memory by the pin thread anyway.
         try:

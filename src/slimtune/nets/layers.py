@@ -11,7 +11,7 @@ symmetric torch padding; that asymmetry is computed per input size here.
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -92,6 +92,9 @@ class BatchNorm(nn.Module):
         self.eps = eps
         self.decay = decay
         self.frozen = False
+        # Set by sync_batch_norm.enable_sync_batch_norm (--sync_batch_norm): the process group whose
+        # global batch gives the training statistics; None = this process's batch only.
+        self.sync_group: Any = None
         self.weight = nn.Parameter(torch.ones(num_features)) if scale else None
         self.bias = nn.Parameter(torch.zeros(num_features)) if center else None
         self.register_buffer("running_mean", torch.zeros(num_features))
@@ -100,12 +103,23 @@ class BatchNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """Normalize with batch statistics in training (unless frozen), moving ones otherwise."""
         use_batch_stats = self.training and not self.frozen
+        if use_batch_stats and self.sync_group is not None and _distributed():
+            from .sync_batch_norm import group_of, sync_batch_norm
+
+            return sync_batch_norm(x, self, group_of(self.sync_group))
         return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
                             use_batch_stats, 1.0 - self.decay, self.eps)
 
     def extra_repr(self) -> str:
         return (f"{self.num_features}, eps={self.eps}, decay={self.decay}, "
                 f"scale={self.weight is not None}, center={self.bias is not None}, frozen={self.frozen}")
+
+
+def _distributed() -> bool:
+    """True inside an initialized process group of more than one rank."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 NormFactory = Optional[Callable[[int], nn.Module]]

@@ -61,3 +61,29 @@ def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
     return groups
+
+
+def aux_head_parameters(model: nn.Module) -> list[str]:
+    """Parameters of a net's auxiliary classifier: under a scope named AuxLogits (Inception v3/v4,
+    Inception-ResNet-v2) or aux_logits (NASNet, PNASNet)."""
+    return [name for name, _ in model.named_parameters()
+            if any(part.replace("_", "").lower() == "auxlogits" for part in name.split("."))]
+
+
+def freeze_aux_head(model: nn.Module) -> int:
+    """Freeze the auxiliary head (--aux_loss_weight 0: no loss reaches it); return the tensors frozen.
+
+    Its tensors would otherwise be trainable yet never get a gradient: DistributedDataParallel
+    would wait for them (or need find_unused_parameters), and its BatchNorm statistics would drift.
+    """
+    names = set(aux_head_parameters(model))
+    frozen = 0
+    for name, parameter in model.named_parameters():
+        if name in names and parameter.requires_grad:
+            parameter.requires_grad_(False)
+            frozen += 1
+    for name, module in _norm_modules(model):
+        if f"{name}.weight" in names or f"{name}.bias" in names or \
+                any(part.replace("_", "").lower() == "auxlogits" for part in name.split(".")):
+            freeze_module_stats(module)
+    return frozen

@@ -8,6 +8,7 @@ A run killed at any point resumes from its last checkpoint when the same command
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -34,7 +35,10 @@ from ..errors import ConfigError, DataError, TrainingDiverged
 from ..nets.registry import ModelSpec, get_model_spec
 from ..preprocessing import get_preprocessing
 from ..checkpoint import train_dir as ckpt
-from .freeze import apply_trainable_scopes, decay_groups
+from .distributed import (agree_on_setup, check_even_epoch, epoch_samples, lost_ranks_error, looks_like_lost_rank,
+                          rank0_then_wait, resume_batch_size, run_shape, unused_parameters, unused_parameters_error,
+                          wrap_ddp)
+from .freeze import apply_trainable_scopes, decay_groups, freeze_aux_head
 from .losses import aux_logits_of, batch_accuracy, sigmoid_loss, softmax_loss
 from .optimizers import build_optimizer
 from ..runtime import Runtime, all_reduce_sum, default_num_workers, seed_everything, setup_runtime, teardown_runtime
@@ -137,15 +141,22 @@ def _trainable_names(model: nn.Module, config: TrainConfig) -> Optional[set[str]
     return set(select_params(model, config.trainable_scopes))
 
 
-def _steps(config: TrainConfig, num_samples: int, runtime: Runtime) -> tuple[int, float, Optional[int]]:
-    """(batches per epoch per process, steps per epoch for schedules, total steps or None)."""
+def _steps(config: TrainConfig, num_samples: int, runtime: Runtime,
+           samples_per_epoch: Optional[int] = None) -> tuple[int, float, Optional[int]]:
+    """(batches per epoch per process, steps per epoch for schedules, total steps or None).
+
+    `samples_per_epoch` (default: all images less the remainder that would leave ranks uneven) is
+    the run's, kept when it resumes at another world size so that epochs keep their steps.
+    """
     global_batch = config.batch_size * runtime.world_size
     if num_samples < global_batch:
         raise DataError(f"the split has {num_samples} images, fewer than one batch of {global_batch}; "
                         f"lower --batch_size")
     # Every image each epoch: the last, partial batch is kept (under DDP each rank gets the same
     # number of images, so at most world_size - 1 are left out of an epoch).
-    batches_per_epoch = math.ceil((num_samples // runtime.world_size) / config.batch_size)
+    if samples_per_epoch is None:
+        samples_per_epoch = epoch_samples(num_samples, runtime.world_size)
+    batches_per_epoch = math.ceil(samples_per_epoch / global_batch)
     steps_per_epoch = float(batches_per_epoch)
     if config.max_number_of_steps is not None:
         total = config.max_number_of_steps
@@ -173,9 +184,22 @@ def train(config: TrainConfig) -> TrainResult:
     """Run (or resume) a training job as configured; return where it ended."""
     if not config.model_name:
         raise ConfigError("--model_name is required (see `slimtune models`)")
-    runtime = setup_runtime(config.device)
+    runtime = setup_runtime(config.device, config.distributed_timeout)
     try:
         return _train(config, runtime)
+    except Exception as error:
+        if runtime.distributed and not runtime.prepared:
+            # This rank failed while preparing: tell the others (waiting in agree_on_setup), so
+            # that every rank stops with the same line instead of waiting for this one.
+            try:
+                settled = agree_on_setup(runtime, error)
+            except Exception:  # noqa: BLE001  (the others are gone too: this rank's own error is the news)
+                raise error from None
+            if settled is not error:
+                raise settled from None
+        elif runtime.distributed and looks_like_lost_rank(error):
+            raise lost_ranks_error(error, runtime, config.distributed_timeout, runtime.step) from None
+        raise
     finally:
         teardown_runtime(runtime)
 
@@ -185,7 +209,7 @@ def _train(config: TrainConfig, runtime: Runtime) -> TrainResult:
     if runtime.is_main and not config.dry_run:  # a dry run creates nothing
         train_dir.mkdir(parents=True, exist_ok=True)
         _setup_logging(train_dir, runtime.is_main)
-    seed_everything(config.seed + runtime.rank, config.deterministic)
+    seed_everything(config.seed + runtime.rank, config.deterministic, runtime.device)
 
     # Data and model.
     spec = get_model_spec(config.model_name)
@@ -206,8 +230,20 @@ def _train(config: TrainConfig, runtime: Runtime) -> TrainResult:
             raise ConfigError(f"--validation_fraction {config.validation_fraction:g} of {len(source)} images holds "
                               f"out none; raise it")
     latest = ckpt.latest_checkpoint(train_dir)
+    state: dict[str, Any] = {}
+    samples_per_epoch = epoch_samples(len(source), runtime.world_size)
     if latest is not None:
         ckpt.check_same_model(latest, spec.name, num_classes)
+        state = ckpt.load_state(latest)
+        shape = run_shape(state)
+        if shape is not None:
+            # The run's global batch and epoch stay what they were, whatever the world size now.
+            batch_size, why = resume_batch_size(shape, config.batch_size, runtime.world_size, train_dir)
+            if why:
+                _say(why, runtime)
+                config = dataclasses.replace(config, batch_size=batch_size)
+            samples_per_epoch = min(shape[2], len(source))
+            check_even_epoch(samples_per_epoch, config.batch_size, runtime.world_size)
     model = build_model(spec, num_classes, config)
 
     # Restore: a checkpoint in train_dir wins (resume everything); else warm-start.
@@ -221,6 +257,11 @@ def _train(config: TrainConfig, runtime: Runtime) -> TrainResult:
         plan = _warm_start(model, config, runtime)
     trainable = _trainable_names(model, config)
     trainable_count = apply_trainable_scopes(model, trainable, config.freeze_batch_norm)
+    if not config.aux_loss_weight:
+        frozen_aux = freeze_aux_head(model)  # no loss reaches it: DDP must not wait for its gradients
+        if frozen_aux:
+            trainable_count = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            _say(f"--aux_loss_weight 0: the auxiliary head's {frozen_aux} tensors are frozen", runtime)
     total_count = sum(p.numel() for p in model.parameters())
     if config.dry_run:
         from .dry_run import finish_dry_run
@@ -230,7 +271,7 @@ def _train(config: TrainConfig, runtime: Runtime) -> TrainResult:
                                  "split": split, "num_samples": len(source),
                                  "image_size": config.train_image_size or spec.default_image_size,
                                  "preprocessing": config.preprocessing_name or spec.preprocessing,
-                                 "total_steps": _steps(config, len(source), runtime)[2],
+                                 "total_steps": _steps(config, len(source), runtime, samples_per_epoch)[2],
                                  "resume_from": str(latest.weights) if latest else None})
         return TrainResult(train_dir, latest.step if latest else 0, latest.weights if latest else None)
     if trainable_count == 0:
@@ -242,12 +283,9 @@ def _train(config: TrainConfig, runtime: Runtime) -> TrainResult:
     channels_last = config.channels_last if config.channels_last is not None else True
     if channels_last:
         model.to(memory_format=torch.channels_last)
+    if config.sync_batch_norm and runtime.distributed:
+        _enable_sync_batch_norm(model, runtime)
     module: nn.Module = model
-    if runtime.distributed:
-        # DDP wraps a module whose forward is forward_endpoints: the same forward, end points (aux
-        # heads) included, as a single process runs, and DDP's gradient hooks see all of it.
-        module = DistributedDataParallel(_EndpointsForward(model),
-                                         device_ids=[runtime.device] if runtime.device.type == "cuda" else None)
 
     # Input pipeline.
     image_size = config.train_image_size or spec.default_image_size
@@ -257,8 +295,9 @@ def _train(config: TrainConfig, runtime: Runtime) -> TrainResult:
                           training=True, channels=spec.in_channels, num_workers=default_num_workers(config.num_workers),
                           seed=config.seed, on_bad_image=config.on_bad_image, rank=runtime.rank,
                           world_size=runtime.world_size, labels_offset=config.labels_offset,
-                          pin_memory=runtime.device.type == "cuda", drop_last=False)
-    batches_per_epoch, steps_per_epoch, total_steps = _steps(config, len(source), runtime)
+                          pin_memory=runtime.device.type == "cuda", drop_last=False,
+                          epoch_size=samples_per_epoch)
+    batches_per_epoch, steps_per_epoch, total_steps = _steps(config, len(source), runtime, samples_per_epoch)
 
     # Optimizer and schedule.
     # Kernels only get decay (slim's regularizers); AdamW applies the same groups decoupled.
@@ -274,7 +313,6 @@ def _train(config: TrainConfig, runtime: Runtime) -> TrainResult:
 
     step = 0
     if latest is not None:
-        state = ckpt.load_state(latest)
         step = int(state["step"])
         _set_rng_state(state, runtime)
         restored, why = _restore_optimizer(optimizer, state, config, model)
@@ -324,6 +362,9 @@ def _train(config: TrainConfig, runtime: Runtime) -> TrainResult:
         saved = ckpt.save_checkpoint(train_dir, at_step, model,
                                      {"optimizer": optimizer.state_dict(), **_rng_state(runtime),
                                       "optimizer_name": config.optimizer,
+                                      # The run's shape, kept when it resumes at another world size.
+                                      "world_size": runtime.world_size, "batch_size": config.batch_size,
+                                      "epoch_samples": samples_per_epoch,
                                       "trainable": sorted(n for n, p in model.named_parameters() if p.requires_grad)},
                                      metadata, keep=config.keep_checkpoint_max)
         if not config_saved:
@@ -352,6 +393,16 @@ def _train(config: TrainConfig, runtime: Runtime) -> TrainResult:
     # SIGINT/SIGTERM/SIGHUP raise a flag that is acted on between steps (nothing is printed from
     # the handler itself: it may interrupt a write to stderr).
     stop = StopRequests()
+    checked_unused = False
+    # Every rank prepared: from here on they meet in collectives (DDP's first is in its constructor).
+    settled = agree_on_setup(runtime, None)
+    runtime.prepared = True  # (also when another rank failed: the agreement is over either way)
+    if settled is not None:
+        raise settled
+    if runtime.distributed:
+        # DDP wraps a module whose forward is forward_endpoints: the same forward, end points (aux
+        # heads) included, as a single process runs, and DDP's gradient hooks see all of it.
+        module = wrap_ddp(_EndpointsForward(model), runtime, config.find_unused_parameters, config.bucket_cap_mb)
     module.train()
     stop.install()
     try:
@@ -388,9 +439,17 @@ def _train(config: TrainConfig, runtime: Runtime) -> TrainResult:
                                             aux.float() if aux is not None else None, config.aux_loss_weight)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
+                if not checked_unused and runtime.distributed and not config.find_unused_parameters:
+                    # Checked once, before the update: DDP would fail at the next step, and the
+                    # tensors sharing a bucket with them were not averaged in this one.
+                    checked_unused = True
+                    unused = unused_parameters(model)
+                    if unused:
+                        raise unused_parameters_error(unused)
                 scaler.step(optimizer)
                 scaler.update()
                 step += 1
+                runtime.step = step
                 window_images += len(batch) * runtime.world_size
                 first_bad_step = torch.where((first_bad_step == 0) & ~torch.isfinite(loss.detach()),
                                              torch.full_like(first_bad_step, step), first_bad_step)
@@ -424,9 +483,13 @@ def _train(config: TrainConfig, runtime: Runtime) -> TrainResult:
                     _summaries(writer, model, images, step)
                     last_summary_time = now
                 due_by_steps = config.save_every_n_steps and step % config.save_every_n_steps == 0
-                if runtime.is_main and (due_by_steps or now - last_save_time >= config.save_interval_secs):
-                    _check_finite(first_bad_step, runtime, config)  # never save weights gone to NaN
-                    result.checkpoint = save(step)
+                if _save_due(bool(due_by_steps), now - last_save_time >= config.save_interval_secs, step, config,
+                             runtime):
+                    # Never save weights gone to NaN; under DDP every rank stops together.
+                    _check_finite(first_bad_step, runtime, config, collective=True)
+                    if runtime.is_main:
+                        result.checkpoint = save(step)
+                    rank0_then_wait(runtime)
                     last_save_time = now
                 if evaluator is not None and step % config.eval_every_n_steps == 0:
                     evaluator(model, step, writer)
@@ -443,6 +506,8 @@ def _train(config: TrainConfig, runtime: Runtime) -> TrainResult:
             result.checkpoint = save(step)
             _say(f"Interrupted by {signal_name(interrupted.signum)}: saved {result.checkpoint.name} at step "
                  f"{step}; run the same command to resume", runtime)
+        if not interrupted.immediate:
+            rank0_then_wait(runtime)  # no rank exits (and makes torchrun stop rank 0) mid-save
         elif runtime.is_main:
             _say(f"Stopped by a second {signal_name(interrupted.signum)} without saving; the last checkpoint "
                  f"({_latest_name(train_dir)}) is intact; run the same command to resume from it", runtime)
@@ -455,6 +520,8 @@ def _train(config: TrainConfig, runtime: Runtime) -> TrainResult:
         _check_finite(first_bad_step, runtime, config)
         if result.checkpoint is None or ckpt.latest_checkpoint(train_dir).step != step:
             result.checkpoint = save(step)
+    rank0_then_wait(runtime)
+    if runtime.is_main:
         if evaluator is not None and step % config.eval_every_n_steps != 0:
             evaluator(model, step, writer)
         writer.close()
@@ -463,6 +530,40 @@ def _train(config: TrainConfig, runtime: Runtime) -> TrainResult:
         _say(f"Finished at step {step}: {result.checkpoint}", runtime)
     result.step = step
     return result
+
+
+def _save_due(by_steps: bool, by_time: bool, step: int, config: TrainConfig, runtime: Runtime) -> bool:
+    """Whether to save now. Alone: by steps or by rank 0's clock. Under DDP the decision is shared
+    (rank 0 saves while the others wait for it): the clock is read at the log interval, where the
+    ranks meet anyway, so it costs no extra synchronization per step."""
+    if not runtime.distributed:
+        return by_steps or by_time
+    if by_steps:
+        return True
+    if step % config.log_every_n_steps:
+        return False
+    flag = torch.tensor(1 if (by_time and runtime.is_main) else 0, device=runtime.device)
+    return bool(all_reduce_sum(flag, runtime))
+
+
+def _enable_sync_batch_norm(model: nn.Module, runtime: Runtime) -> None:
+    """--sync_batch_norm: slimtune's BatchNorm layers share statistics over all ranks; torch's own
+    (in a user's net) become torch.nn.SyncBatchNorm, which runs on CUDA only."""
+    from ..nets.sync_batch_norm import enable_sync_batch_norm, torch_batch_norms
+
+    own = enable_sync_batch_norm(model)
+    foreign = torch_batch_norms(model)
+    if foreign and runtime.device.type != "cuda":
+        raise ConfigError(f"--sync_batch_norm: {len(foreign)} torch.nn BatchNorm layers ({foreign[0]}, ...) "
+                          f"synchronize on CUDA only; build the net with slimtune.nets.layers.BatchNorm, or drop "
+                          f"--sync_batch_norm")
+    if foreign:
+        for name, module in list(model.named_modules()):
+            for child_name, child in list(module.named_children()):
+                if isinstance(child, nn.modules.batchnorm._BatchNorm):
+                    setattr(module, child_name, nn.SyncBatchNorm.convert_sync_batchnorm(child))
+    if not own and not foreign:
+        _say("--sync_batch_norm: the net has no BatchNorm layer; nothing to synchronize", runtime)
 
 
 def _rebuild_spec(model_name: str) -> str:
