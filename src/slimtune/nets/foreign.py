@@ -82,6 +82,17 @@ def list_foreign(source: str, pattern: Optional[str] = None) -> list[str]:
     return sorted(names)
 
 
+def describe(source: str, arch: str) -> tuple[int, str, float]:
+    """(image size, interpolation, crop_pct) of an architecture's pretrained config, for listings."""
+    library = _import(source)
+    if source == "torchvision":
+        return _torchvision_eval(library, arch)
+    cfg = library.models.get_pretrained_cfg(arch)
+    cfg = cfg.to_dict() if cfg is not None and hasattr(cfg, "to_dict") else dict(cfg or {})
+    return int(cfg.get("input_size", (3, 224, 224))[-1]), cfg.get("interpolation") or "bicubic", \
+        float(cfg.get("crop_pct") or 0.875)
+
+
 def _unknown(source: str, arch: str) -> ModelNotFoundError:
     known = list_foreign(source)
     close = difflib.get_close_matches(arch, known, n=5, cutoff=0.5)
