@@ -147,8 +147,11 @@ def _torchvision_eval(library: Any, arch: str) -> tuple[int, str, float]:
 
 
 def _torchvision_classifier(library: Any, arch: str) -> str:
-    """Name of the last Linear of a torchvision model (built on the meta device: no memory, no time)."""
-    with torch.device("meta"):
+    """Name of the last Linear of a torchvision model (built on the meta device where it can be: no memory, no time)."""
+    try:
+        with torch.device("meta"):
+            model = library.models.get_model(arch, weights=None)
+    except (NotImplementedError, RuntimeError):  # RegNet computes its widths from tensor values
         model = library.models.get_model(arch, weights=None)
     return [name for name, module in model.named_modules() if isinstance(module, nn.Linear)][-1]
 
