@@ -532,7 +532,8 @@ def test_use_grayscale_gives_one_channel(name):
 
 
 def test_factory_names_follow_slim():
-    assert list_preprocessing() == ["cifarnet", "inception", "lenet", "vgg"]
+    # slim's four families, plus the pretrained-config one of timm / torchvision backbones
+    assert list_preprocessing() == ["cifarnet", "inception", "lenet", "pretrained", "vgg"]
     expected = {"inception_v3": "inception", "inception_resnet_v2": "inception", "mobilenet_v1": "inception",
                 "nasnet_large": "inception", "resnet_v1_50": "vgg", "resnet_v2_101": "vgg", "vgg_16": "vgg",
                 "vgg_a": "vgg", "cifarnet": "cifarnet", "lenet": "lenet"}
@@ -540,7 +541,7 @@ def test_factory_names_follow_slim():
         assert resolve_preprocessing_name(model) == family
         assert get_preprocessing(model, False).name == family
     for missing in ("alexnet_v2", "overfeat", "nope"):
-        with pytest.raises(ConfigError, match="cifarnet, inception, lenet, vgg"):
+        with pytest.raises(ConfigError, match="cifarnet, inception, lenet, pretrained, vgg"):
             get_preprocessing(missing, True)
 
 

@@ -65,7 +65,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 def _cmd_models(args: argparse.Namespace) -> int:
     from .nets.summary import format_model_table
 
-    print(format_model_table(args.pattern, with_params=args.params))
+    print(format_model_table(args.pattern, with_params=args.params, source=args.source))
     return 0
 
 
@@ -207,6 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
     models = command("models", _cmd_models, "list the registered networks")
     models.add_argument("pattern", nargs="?", help="glob filter, e.g. 'resnet*'")
     models.add_argument("--params", action="store_true", help="also count parameters (builds each net on the meta device)")
+    models.add_argument("--source", choices=("slim", "timm", "torchvision"), default="slim",
+                        help="slim's registry, or timm's / torchvision's architectures (--model_name timm:NAME; "
+                             "weights from --checkpoint_path, never downloaded)")
 
     demo = command("demo", _cmd_demo, "train lenet on the bundled digits, evaluate, predict (about a minute)")
     demo.add_argument("--output_dir", "--output-dir", default="slimtune_demo")

@@ -64,7 +64,9 @@ class DataSettings:
 class TrainConfig(DataSettings):
     """Every setting of `slimtune train`, with slim's names and defaults unless noted."""
 
-    model_name: Optional[str] = _flag(None, "network: a registered name, path/to/file.py:fn or module:fn")
+    model_name: Optional[str] = _flag(None, "network: a registered name, timm:NAME / torchvision:NAME (their own "
+                                      "parameter names as scopes; weights from --checkpoint_path, never downloaded), "
+                                      "path/to/file.py:fn or module:fn")
     train_dir: str = _flag("runs/train", "where checkpoints, TensorBoard events and the resolved config go")
     num_classes: Optional[int] = _flag(None, "override the class count (default: from the dataset)")
     train_image_size: Optional[int] = _flag(None, "training input size (default: the model's)")

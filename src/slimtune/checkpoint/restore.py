@@ -551,7 +551,9 @@ def plan_restore(model: nn.Module, checkpoint: CheckpointArg, exclude_scopes: Sc
                 auto_mapping[contract_name(key)] = ckpt_by_clean[name]
                 notes[key] = "auto, by position: shapes differ" if key in aligned.by_position else "auto"
 
-    plan = RestorePlan(source=source, model_label=type(model).__name__, spelling="slim" if slim else "torch",
+    # a registry name says more than a class name (timm:resnet18, not ForeignNet)
+    label = getattr(getattr(model, "spec", None), "name", None) or type(model).__name__
+    plan = RestorePlan(source=source, model_label=label, spelling="slim" if slim else "torch",
                        ignored=ignored, auto_mapping=auto_mapping, rules=[r.text for r in rules.rules] + (["auto"] if rules.auto else []),
                        exclude_scopes=parse_scopes(exclude_scopes), ignore_missing_vars=ignore_missing_vars,
                        advice=dict(TRAIN_ADVICE if advice is None else advice))

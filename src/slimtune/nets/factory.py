@@ -25,6 +25,8 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from ..preprocessing.pretrained import PREFIX as PRETRAINED_PREFIX
+from ..preprocessing.pretrained import parse_name as parse_preprocessing
 from .base import SlimNet
 from .registry import ModelSpec, get_model_spec
 
@@ -55,6 +57,11 @@ def slimtune_home(cache_dir: Optional[str] = None) -> Path:
 def pretrained_cfg(spec: ModelSpec) -> dict[str, Any]:
     """timm's `pretrained_cfg` for a registered net: how its published checkpoint wants its input."""
     mean, std = _NORMALIZATION.get(spec.preprocessing, (None, None))
+    crop_pct, interpolation = _CROP_PCT.get(spec.preprocessing), "bilinear"
+    if spec.preprocessing.startswith(PRETRAINED_PREFIX):  # timm / torchvision: their own config
+        options = parse_preprocessing(spec.preprocessing)
+        mean, std, crop_pct, interpolation = (options["mean"], options["std"], options["crop_pct"],
+                                              options["interpolation"])
     classes = spec.checkpoint_num_classes
     return {
         "architecture": spec.name,
@@ -63,8 +70,8 @@ def pretrained_cfg(spec: ModelSpec) -> dict[str, Any]:
         "preprocessing": spec.preprocessing,
         "mean": mean,
         "std": std,
-        "crop_pct": _CROP_PCT.get(spec.preprocessing),
-        "interpolation": "bilinear",
+        "crop_pct": crop_pct,
+        "interpolation": interpolation,
         "num_classes": classes,
         # slim's 1001-class ImageNet checkpoints keep class 0 for 'background'.
         "label_offset": 1 if classes == 1001 else 0,

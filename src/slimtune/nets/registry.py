@@ -51,6 +51,8 @@ class ModelSpec:
     published_top5: Optional[float] = None
     #: the smallest square input the net accepts (smaller inputs get one line naming this size).
     min_image_size: int = 1
+    #: parameter name -> depth (0 = stem ... max = classifier heads), for --layer_decay; None: the generic rule of nets/depth.py
+    layer_depths: Optional[Callable[[nn.Module], dict[str, int]]] = None
 
     def build(self, num_classes: int, image_size: Optional[int] = None, **kwargs: Any) -> nn.Module:
         """Build the network, then attach this spec to it as `model.spec`.
@@ -153,7 +155,12 @@ def _takes_image_size(builder: Callable[..., nn.Module]) -> bool:
 
 
 def get_model_spec(name: str) -> ModelSpec:
-    """Look a network up by registered name, 'file.py:fn' or 'module:fn'."""
+    """Look a network up by registered name, 'timm:arch' / 'torchvision:arch', 'file.py:fn' or 'module:fn'."""
+    from .foreign import foreign_spec, split_name
+
+    foreign = split_name(name)
+    if foreign is not None:  # before 'module:fn': 'timm' and 'torchvision' are importable modules too
+        return foreign_spec(*foreign)
     if ":" in name and not (len(name) > 1 and name[1] == ":" and name[2:3] in ("\\", "/")):
         return _import_user_target(name)
     _load_builtins()
@@ -165,8 +172,15 @@ def get_model_spec(name: str) -> ModelSpec:
     return spec
 
 
-def list_models(pattern: Optional[str] = None) -> list[str]:
-    """Registered network names, sorted, optionally filtered by a glob pattern."""
+def list_models(pattern: Optional[str] = None, source: str = "slim") -> list[str]:
+    """Registered network names, sorted, optionally filtered by a glob pattern.
+
+    source: 'slim' (the registry), or 'timm' / 'torchvision' (their architectures, as 'timm:resnet50').
+    """
+    if source != "slim":
+        from .foreign import list_foreign
+
+        return [f"{source}:{name}" for name in list_foreign(source, pattern)]
     _load_builtins()
     names = sorted(_REGISTRY)
     if pattern:

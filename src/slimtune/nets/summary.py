@@ -25,8 +25,14 @@ def _accuracy(value: Optional[float]) -> str:
     return "-" if value is None else f"{value:.1f}"
 
 
-def format_model_table(pattern: Optional[str] = None, with_params: bool = False) -> str:
-    """One line per registered network matching the glob `pattern`; `with_params` adds parameter counts."""
+def format_model_table(pattern: Optional[str] = None, with_params: bool = False, source: str = "slim") -> str:
+    """One line per registered network matching the glob `pattern`; `with_params` adds parameter counts.
+
+    source 'timm' / 'torchvision' lists that library's architectures (as `--model_name` takes them)
+    with their pretrained config's eval input; their weights come from --checkpoint_path.
+    """
+    if source != "slim":
+        return _foreign_table(source, pattern, with_params)
     names = list_models(pattern)
     if not names:
         return f"no model matches {pattern!r}"
@@ -40,5 +46,20 @@ def format_model_table(pattern: Optional[str] = None, with_params: bool = False)
         if with_params:
             row.append(f"{parameter_count(name) / 1e6:.2f}M")
         rows.append(tuple(row + [spec.published_checkpoint or "-"]))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)
+
+
+def _foreign_table(source: str, pattern: Optional[str], with_params: bool) -> str:
+    from .foreign import describe
+
+    names = list_models(pattern, source=source)
+    if not names:
+        return f"no {source} model matches {pattern!r}"
+    rows = [("name", "size", "interpolation", "crop_pct") + (("params",) if with_params else ())]
+    for name in names:
+        size, interpolation, crop_pct = describe(*name.split(":", 1))
+        row = (name, str(size), interpolation, f"{crop_pct:.3f}")
+        rows.append(row + ((f"{parameter_count(name) / 1e6:.2f}M",) if with_params else ()))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)

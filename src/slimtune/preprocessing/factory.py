@@ -16,12 +16,14 @@ from typing import Any, Callable, NamedTuple, Optional
 import torch
 
 from ..errors import ConfigError
-from . import cifarnet, inception, lenet, vgg
+from . import cifarnet, inception, lenet, pretrained, vgg
 
 PREPROCESSING_MODULES: dict[str, ModuleType] = {
     "cifarnet": cifarnet,
     "inception": inception,
     "lenet": lenet,
+    # timm / torchvision weights: 'pretrained:interpolation=...,crop_pct=...,mean=...,std=...'
+    "pretrained": pretrained,
     "vgg": vgg,
 }
 
@@ -113,6 +115,9 @@ def resolve_preprocessing_name(name: str) -> str:
                           f"{', '.join(list_preprocessing())}")
     if name in PREPROCESSING_MODULES:
         return name
+    if str(name).startswith(pretrained.PREFIX):
+        pretrained.parse_name(name)  # a malformed config is one line here, not an error per image
+        return "pretrained"
     if name in SLIM_MODEL_PREPROCESSING:
         return SLIM_MODEL_PREPROCESSING[name]
     known = sorted(PREPROCESSING_MODULES) + sorted(SLIM_MODEL_PREPROCESSING)
@@ -131,5 +136,7 @@ def get_preprocessing(name: str, is_training: bool, use_grayscale: bool = False,
     call itself may add or override them (inception: bbox, fast_mode; vgg: resize_side_min,
     resize_side_max; all: generator).
     """
-    return PreprocessingFn(resolve_preprocessing_name(name), bool(is_training), bool(use_grayscale),
-                           dict(defaults))
+    family = resolve_preprocessing_name(name)
+    if family == "pretrained" and str(name).startswith(pretrained.PREFIX):
+        defaults = {**pretrained.parse_name(name), **defaults}
+    return PreprocessingFn(family, bool(is_training), bool(use_grayscale), dict(defaults))
