@@ -144,3 +144,15 @@ def test_checkpoints_without_averages_still_load(tmp_path):
     assert results["weights"] == "raw"
     resumed = train(lenet_config(tmp_path, max_number_of_steps=3, moving_average_decay=DECAY))
     assert ckpt.averages_path(resumed.checkpoint).is_file()
+
+
+def test_evaluation_while_training_uses_the_averages(tmp_path):
+    train(lenet_config(tmp_path, max_number_of_steps=20, moving_average_decay=DECAY, eval_every_n_steps=20,
+                       eval_split_name="test"))
+    logged = json.loads((tmp_path / "eval_during_training.jsonl").read_text().splitlines()[-1])
+    settings = dict(checkpoint_path=str(tmp_path), dataset_name="digits", dataset_split_name="test", num_workers=0,
+                    report=False)
+    averaged = evaluate_checkpoint(EvalConfig(**settings))
+    raw = evaluate_checkpoint(EvalConfig(**settings, no_moving_average=True))
+    assert logged["step"] == 20 and logged["Accuracy"] == round(averaged["Accuracy"], 4)
+    assert raw["Accuracy"] != averaged["Accuracy"]
