@@ -82,7 +82,7 @@ def worker(args: argparse.Namespace) -> list[dict[str, Any]]:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        return float(loss)
+        return float(loss.detach())
 
     records = {}
     for precision, use_compiled in settings:
