@@ -54,7 +54,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     predictions = predict(args.checkpoint_path, args.images, model_name=args.model_name, top_k=args.top_k,
                           batch_size=args.batch_size, image_size=args.image_size,
                           preprocessing_name=args.preprocessing_name, threshold=args.threshold,
-                          device=args.device, on_bad_image=args.on_bad_image, model=args.model)
+                          device=args.device, on_bad_image=args.on_bad_image, model=args.model,
+                          moving_average=not args.no_moving_average)
     if args.format == "json":
         print("\n".join(p.to_json() for p in predictions))
     else:
@@ -161,7 +162,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
                     multi_label={"true": True, "false": False}.get(str(args.multi_label).lower()),
                     verify_images=args.verify_images, with_preprocessing=args.with_preprocessing, opset=args.opset,
                     quantize=args.quantize, calibration_dataset_dir=args.calibration_dataset_dir,
-                    calibration_images=args.calibration_images, min_agreement=args.min_agreement)
+                    calibration_images=args.calibration_images, min_agreement=args.min_agreement,
+                    moving_average=not args.no_moving_average)
     print(json.dumps({"output": str(result.path), "format": result.format,
                       "max_abs_diff": result.comparison.max_abs_diff,
                       "largest_logit": result.comparison.largest_logit,
@@ -203,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--format", choices=("table", "json"), default="table", help="table or JSON lines")
     predict.add_argument("--device", default="auto")
     predict.add_argument("--on_bad_image", "--on-bad-image", choices=("skip", "fail"), default="skip")
+    predict.add_argument("--no_moving_average", "--no-moving-average", action="store_true",
+                         help="use the raw weights even when the run saved moving averages (used by default)")
 
     models = command("models", _cmd_models, "list the registered networks")
     models.add_argument("pattern", nargs="?", help="glob filter, e.g. 'resnet*'")
@@ -307,6 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     exporter.add_argument("--calibration_images", "--calibration-images", type=int, default=256)
     exporter.add_argument("--min_agreement", "--min-agreement", type=float, default=0.99,
                           help="least int8 top-1 agreement with fp32 on the calibration images")
+    exporter.add_argument("--no_moving_average", "--no-moving-average", action="store_true",
+                          help="export the raw weights even when the run saved moving averages (used by default)")
     return parser
 
 

@@ -126,7 +126,27 @@ class TrainConfig(DataSettings):
     deterministic: bool = _flag(False, "deterministic algorithms: a CPU run repeats bit for bit")
     device: str = _flag("auto", "cpu, cuda, cuda:N or auto")
     channels_last: Optional[bool] = _flag(None, "channels-last memory format (default: on)")
-    amp: bool = _flag(False, "mixed precision (bfloat16 on CPU, float16 on CUDA)")
+    amp: bool = _flag(False, "deprecated: --precision bf16 on CPU, fp16 on CUDA")
+    precision: str = _flag("fp32", "autocast precision of forward and loss (weights and optimizer stay float32): "
+                                   "bf16 (CPU with avx512_bf16/AMX, or GPU), fp16 (CUDA only, with loss scaling); "
+                                   "bf16 measured 1.7x fp32 on resnet_v1_50 on a 2-core avx512_bf16 CPU "
+                                   "(benchmarks/results/precision_cpu.md)",
+                           choices=("fp32", "bf16", "fp16"))
+    compile: bool = _flag(False, "torch.compile the network (first steps compile; needs a C++ compiler on CPU; "
+                                 "measured slower than eager on a 2-core CPU, see benchmarks/results/precision_cpu.md)")
+    accumulate_steps: int = _flag(1, "micro-batches of --batch_size per optimizer step (gradient accumulation): "
+                                     "the step sees N x batch_size images; the schedule and --num_epochs count "
+                                     "optimizer steps")
+    clip_gradient_norm: float = _flag(0.0, "clip gradients to this L2 norm (slim's create_train_op: each "
+                                           "gradient tensor by its own norm); 0 = off")
+    clip_gradient_mode: str = _flag("per_tensor", "per_tensor (slim's tf.clip_by_norm of each gradient) or "
+                                                  "global (torch's clip_grad_norm_ over all of them)",
+                                    choices=("per_tensor", "global"))
+    moving_average_decay: Optional[float] = _flag(None, "keep an exponential moving average of the trainable "
+                                                        "weights and BatchNorm statistics (slim's flag; TF's "
+                                                        "warm-up min(decay, (1+step)/(10+step))), saved as "
+                                                        "model.ckpt-N.ema.safetensors; eval, predict and export "
+                                                        "use it unless --no_moving_average")
     verbose: bool = _flag(False, "print the restore plan tensor by tensor (it is always saved as "
                                  "restore_plan.txt in train_dir)")
     config: Optional[str] = _flag(None, "YAML file with any of these settings (flags override it)")
@@ -162,6 +182,8 @@ class EvalConfig(DataSettings):
     thresholds: Optional[str] = _flag(None, "multi-label: threshold, comma list, or 'tune' to tune per class on "
                                             "this split and save them with the model")
     report: bool = _flag(True, "write an HTML report with plots beside the results")
+    no_moving_average: bool = _flag(False, "evaluate the raw weights even when the run saved moving averages "
+                                            "(which are used by default, as slim's eval did)")
     device: str = _flag("auto", "cpu, cuda, cuda:N or auto")
     config: Optional[str] = _flag(None, "YAML file with any of these settings")
     # slim evaluated 'test' by default, which flowers and imagenet lack: 'auto' picks test, else
@@ -314,6 +336,7 @@ RANGES: dict[str, tuple[Any, Any]] = {
     "max_num_batches": (1, None), "eval_interval_secs": (0.0, None), "timeout_secs": (0.0, None),
     "seed": (0, None), "validation_fraction": ([0.0], [1.0]), "bucket_cap_mb": ([0.0], None),
     "distributed_timeout": ([0.0], None),
+    "accumulate_steps": (1, None), "clip_gradient_norm": (0.0, None), "moving_average_decay": ([0.0], [1.0]),
 }
 # Durations where infinity means "never"; every other float must be finite.
 _INFINITE_OK = {"save_interval_secs", "save_summaries_secs", "eval_interval_secs", "timeout_secs"}

@@ -54,9 +54,10 @@ def _class_names(meta: dict[str, str], weights: Path, count: int) -> list[str]:
 def predict(checkpoint_path: Optional[str], inputs: Sequence[str], *, model_name: Optional[str] = None, top_k: int = 5,
             batch_size: int = 32, image_size: Optional[int] = None, preprocessing_name: Optional[str] = None,
             threshold: Optional[float] = None, device: str = "auto", on_bad_image: str = "skip",
-            model: Optional[str] = None) -> list[Prediction]:
+            model: Optional[str] = None, moving_average: bool = True) -> list[Prediction]:
     """Predict labels for every input image with a trained checkpoint (file or train_dir), or with an
-    exported model file (`model`: .onnx, run in onnxruntime with the file's own metadata)."""
+    exported model file (`model`: .onnx, run in onnxruntime with the file's own metadata).
+    A run's moving-average weights are used when it saved some, unless `moving_average` is False."""
     if top_k < 1:
         raise ConfigError("--top_k must be >= 1")
     if model is not None:
@@ -67,7 +68,7 @@ def predict(checkpoint_path: Optional[str], inputs: Sequence[str], *, model_name
     if not checkpoint_path:
         raise ConfigError("predict needs --checkpoint_path (a train_dir or checkpoint) or --model (an exported .onnx)")
     torch_device = pick_device(device)
-    model, spec, meta, weights = load_for_eval(checkpoint_path, model_name, None, torch_device)
+    model, spec, meta, weights = load_for_eval(checkpoint_path, model_name, None, torch_device, moving_average)
     paths = expand_inputs(inputs)
     multi_label = meta.get("multi_label") == "true"
     names = _class_names(meta, weights, model.num_classes)

@@ -123,8 +123,9 @@ def list_checkpoints(directory: Path) -> list[Path]:
         name = entry.name
         if name.endswith(".index"):
             found[name[: -len(".index")]] = entry.with_name(name[: -len(".index")])
-        elif (re.search(r"\.data-\d{5}-of-\d{5}$", name) or name.endswith((".meta", ".state.pt", ".tmp"))
-              or name == "checkpoint"):  # a run's training state and unfinished writes hold no weights
+        elif (re.search(r"\.data-\d{5}-of-\d{5}$", name)
+              or name.endswith((".meta", ".state.pt", ".tmp", ".ema.safetensors")) or name == "checkpoint"):
+            # a run's training state and unfinished writes hold no weights; moving averages go with theirs
             continue
         elif name.endswith(_WEIGHT_SUFFIXES):
             found[name] = entry

@@ -4,6 +4,8 @@ Written by `train`, read by train (resume), eval, predict and features; it sits 
 
 Layout (one pair per saved step, plus TF's `checkpoint` state file naming the latest):
     model.ckpt-<step>.safetensors   weights (torch names) with metadata: model_name, num_classes, step
+    model.ckpt-<step>.ema.safetensors  with --moving_average_decay: the same weights file with the moving
+                                    averages in place of the raw weights (eval/predict/export prefer it)
     model.ckpt-<step>.state.pt      optimizer, step, epoch position, RNG (loaded with weights_only=True)
     checkpoint                      model_checkpoint_path: "model.ckpt-<step>.safetensors" (TF's format)
 Each file is written to a temporary name, flushed to disk and renamed; the state file is updated
@@ -43,6 +45,17 @@ class TrainCheckpoint:
     def metadata(self) -> dict[str, str]:
         """The metadata stored inside the weights file."""
         return read_metadata(self.weights)
+
+    @property
+    def averages(self) -> Optional[Path]:
+        """The moving-average weights saved with this step, or None (a run without averages)."""
+        path = averages_path(self.weights)
+        return path if path.is_file() else None
+
+
+def averages_path(weights: Path) -> Path:
+    """Where the moving averages of a run's weights file live: model.ckpt-N.ema.safetensors."""
+    return weights.with_name(weights.name.replace(".safetensors", ".ema.safetensors"))
 
 
 _DISK_FULL = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
@@ -149,23 +162,29 @@ def read_metadata(weights: Path) -> dict[str, str]:
 
 
 def save_checkpoint(train_dir: Path, step: int, model: torch.nn.Module, state: dict[str, Any],
-                    metadata: dict[str, str], keep: int = 5) -> TrainCheckpoint:
+                    metadata: dict[str, str], keep: int = 5,
+                    averages: Optional[dict[str, torch.Tensor]] = None) -> TrainCheckpoint:
     """Write weights and state for `step`, point `checkpoint` at them, prune old ones.
 
-    Order: weights, then state, then the `checkpoint` state file, each through a temporary file
-    and a rename. A failure (full disk, file-size limit) removes what this save wrote and raises
-    DiskFullError in one line; the previous checkpoint stays complete and named by the state file.
+    `averages` (a full state_dict of moving-average weights) goes to model.ckpt-N.ema.safetensors
+    with the same metadata. Order: weights, averages, state, then the `checkpoint` state file, each
+    through a temporary file and a rename. A failure (full disk, file-size limit) removes what this
+    save wrote and raises DiskFullError in one line; the previous checkpoint stays complete and named
+    by the state file.
     The free space is checked first, so a save that cannot fit writes nothing.
     """
     train_dir.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(train_dir)
     weights_path = train_dir / f"model.ckpt-{step}.safetensors"
     state_path = train_dir / f"model.ckpt-{step}.state.pt"
+    averages_file = averages_path(weights_path)
     tensors = {name: tensor.detach().contiguous().cpu() for name, tensor in model.state_dict().items()}
+    averaged = ({name: tensor.detach().contiguous().cpu() for name, tensor in averages.items()}
+                if averages is not None else None)
     info = {**{k: str(v) for k, v in metadata.items()}, "step": str(step), "format": "slimtune"}
     full_state = {**state, "step": step}
     weights_bytes, state_bytes = _tensor_bytes(tensors) + 8 * len(json.dumps(info)), _tensor_bytes(full_state)
-    needed = weights_bytes + state_bytes
+    needed = weights_bytes * (2 if averaged is not None else 1) + state_bytes
     if needed / _MB > _free_mb(train_dir):
         raise DiskFullError(f"no space left on device writing {weights_path}: {needed / _MB:.1f} MB needed, "
                             f"{_free_mb(train_dir):.1f} MB free; nothing was written, the previous checkpoint "
@@ -174,11 +193,17 @@ def save_checkpoint(train_dir: Path, step: int, model: torch.nn.Module, state: d
     try:
         # safetensors' writer streams from the tensors (no second copy in memory); Rust errors carry the errno.
         _atomic_write(weights_path, lambda f, p: save_file(tensors, str(p), metadata=info), needed)
+        if averaged is not None:
+            _atomic_write(averages_file, lambda f, p: save_file(averaged, str(p), metadata={
+                **info, "moving_averages": "true"}), needed)
+        else:
+            averages_file.unlink(missing_ok=True)  # averages of an earlier save of this step are stale
         _atomic_write(state_path, lambda f, p: torch.save(full_state, f), needed)
     except BaseException:
         # Never leave a new weights file without its state (nor a pair the state file doesn't name).
         if step not in previous:
             weights_path.unlink(missing_ok=True)
+            averages_file.unlink(missing_ok=True)
             state_path.unlink(missing_ok=True)
         raise
     checkpoints = run_checkpoints(train_dir)
@@ -190,6 +215,7 @@ def save_checkpoint(train_dir: Path, step: int, model: torch.nn.Module, state: d
     for old in checkpoints:
         if old.step not in kept_steps:
             old.weights.unlink(missing_ok=True)
+            averages_path(old.weights).unlink(missing_ok=True)
             old.state.unlink(missing_ok=True)
     return TrainCheckpoint(weights_path, state_path, step)
 
@@ -269,6 +295,16 @@ def load_weights_into(model: torch.nn.Module, weights: Path) -> None:
     if missing or unexpected:
         raise CheckpointError(f"{weights} does not fit this model: missing {missing[:3]}, unexpected "
                               f"{unexpected[:3]}; was it written for another --model_name?")
+
+
+def load_run_weights(model: torch.nn.Module, weights: Path, moving_average: bool = True) -> Path:
+    """Load a run's weights file, or the moving averages saved beside it when there are some and
+    `moving_average` is set (slim's eval used the averages); returns the file loaded."""
+    averaged = averages_path(weights)
+    chosen = averaged if moving_average and weights.name.endswith(".safetensors") and averaged.is_file() \
+        else weights
+    load_weights_into(model, chosen)
+    return chosen
 
 
 def metadata_json(value: Any) -> str:

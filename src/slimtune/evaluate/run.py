@@ -97,8 +97,14 @@ def _describe(source: Any, index: int) -> str:
 
 
 def load_for_eval(checkpoint_path: str | Path, model_name: Optional[str], num_classes: Optional[int],
-                  device: torch.device) -> tuple[nn.Module, ModelSpec, dict[str, str], Path]:
-    """Build the network recorded in (or named for) a checkpoint and load its weights."""
+                  device: torch.device, moving_average: bool = True
+                  ) -> tuple[nn.Module, ModelSpec, dict[str, str], Path]:
+    """Build the network recorded in (or named for) a checkpoint and load its weights.
+
+    A run trained with --moving_average_decay is loaded with its averaged weights unless
+    `moving_average` is False (slim's eval used the averages); meta["weights"] then says which:
+    "moving_average" or "raw".
+    """
     if not Path(checkpoint_path).exists() and not Path(f"{checkpoint_path}.index").exists():
         raise CheckpointError(f"checkpoint not found: {checkpoint_path}")
     weights = ckpt.resolve_weights(checkpoint_path) if Path(checkpoint_path).is_dir() else Path(checkpoint_path)
@@ -118,7 +124,8 @@ def load_for_eval(checkpoint_path: str | Path, model_name: Optional[str], num_cl
 
         model = build_probe_model(spec, meta, trained_size) if is_probe_checkpoint(meta) else \
             spec.build(classes, image_size=trained_size)
-        ckpt.load_weights_into(model, weights)
+        loaded = ckpt.load_run_weights(model, weights, moving_average)
+        meta = {**meta, "weights": "moving_average" if loaded != weights else "raw"}
     else:
         from ..checkpoint.restore import LOAD_ADVICE, restore
 
@@ -150,7 +157,8 @@ def evaluate_checkpoint(config: EvalConfig, checkpoint: Optional[Path] = None) -
     """Evaluate one checkpoint as configured; write results JSON (and report) beside it."""
     device = pick_device(config.device)
     target = checkpoint or Path(config.checkpoint_path)
-    model, spec, meta, weights = load_for_eval(target, config.model_name, None, device)
+    model, spec, meta, weights = load_for_eval(target, config.model_name, None, device,
+                                               moving_average=not config.no_moving_average)
     split = resolve_split(config.dataset_name, config.dataset_dir, config.dataset_split_name)
     recorded_multi = meta.get("multi_label") == "true" if "multi_label" in meta else None
     if config.multi_label is not None and recorded_multi is not None and config.multi_label != recorded_multi:
@@ -164,7 +172,9 @@ def evaluate_checkpoint(config: EvalConfig, checkpoint: Optional[Path] = None) -
         multi_label = config.multi_label
     check_labels_match(model, meta, weights, source, multi_label, config.labels_offset,
                        _dataset_label(config), split)
-    stem = _results_stem(config, weights, split)
+    # Raw weights of a run that has averages are the unusual choice: their results get their own file.
+    raw_of_averaged = meta.get("weights") == "raw" and ckpt.averages_path(weights).is_file()
+    stem = _results_stem(config, weights, split, ".raw" if raw_of_averaged else "")
     image_size = config.eval_image_size or (int(meta["image_size"]) if meta.get("image_size") else None)
     preprocessing_name = config.preprocessing_name or meta.get("preprocessing")
     if config.thresholds and not multi_label:
@@ -184,7 +194,7 @@ def evaluate_checkpoint(config: EvalConfig, checkpoint: Optional[Path] = None) -
     results.pop("_indices", None)
     step = int(meta.get("step", 0)) if meta.get("step") else None
     results.update({"checkpoint": str(weights), "step": step, "split": split, "model_name": spec.name,
-                    "dataset": _dataset_identity(config)})
+                    "dataset": _dataset_identity(config), "weights": meta.get("weights", "raw")})
     out_dir = _out_dir(config, weights)
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = out_dir / f"{stem}.json"
@@ -312,14 +322,14 @@ def _out_dir(config: EvalConfig, weights: Path) -> Path:
     return Path(config.eval_dir) if config.eval_dir else weights.parent
 
 
-def _results_stem(config: EvalConfig, weights: Path, split: str) -> str:
+def _results_stem(config: EvalConfig, weights: Path, split: str, kind: str = "") -> str:
     """`<checkpoint>.eval-<dataset>-<split>`; a file of that name from another dataset (same folder
     name, other path) is never overwritten: this one gets a short hash of its path."""
     import hashlib
     import re
 
     label = re.sub(r"[^A-Za-z0-9_.-]+", "_", _dataset_label(config)).strip("._") or "data"
-    stem = f"{weights.name.removesuffix('.safetensors')}.eval-{label}-{split}"
+    stem = f"{weights.name.removesuffix('.safetensors')}{kind}.eval-{label}-{split}"
     existing = _out_dir(config, weights) / f"{stem}.json"
     if existing.is_file():
         try:
@@ -348,6 +358,8 @@ def headline(results: dict[str, Any]) -> str:
     parts.append(f"samples={results.get('num_samples')}")
     if results.get("num_skipped"):
         parts.append(f"skipped={results['num_skipped']}")
+    if results.get("weights") == "moving_average":
+        parts.append("weights=moving_average")
     return " ".join(parts)
 
 

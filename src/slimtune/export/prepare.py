@@ -74,8 +74,13 @@ class ExportSource:
 
 def load_source(checkpoint_path: str, *, model_name: Optional[str] = None, num_classes: Optional[int] = None,
                 image_size: Optional[int] = None, preprocessing_name: Optional[str] = None,
-                labels_file: Optional[str] = None, multi_label: Optional[bool] = None) -> ExportSource:
-    """Build the trained network from a train_dir or checkpoint file; flags override what it records."""
+                labels_file: Optional[str] = None, multi_label: Optional[bool] = None,
+                moving_average: bool = True) -> ExportSource:
+    """Build the trained network from a train_dir or checkpoint file; flags override what it records.
+
+    A run's moving-average weights (--moving_average_decay) are exported when present, unless
+    `moving_average` is False.
+    """
     from ..checkpoint import train_dir as ckpt
     from ..evaluate.run import THRESHOLDS_FILENAME
 
@@ -104,7 +109,7 @@ def load_source(checkpoint_path: str, *, model_name: Optional[str] = None, num_c
         built_size = size if spec.sized_by_input else None
         model = build_probe_model(spec, meta, built_size) if is_probe_checkpoint(meta) else \
             spec.build(classes, image_size=built_size)
-        ckpt.load_weights_into(model, weights)
+        weights = ckpt.load_run_weights(model, weights, moving_average)
     else:
         from ..checkpoint.restore import restore
 

@@ -64,8 +64,12 @@ def export(checkpoint_path: str, fmt: str, output: str, *, model_name: Optional[
            multi_label: Optional[bool] = None, verify_images: Optional[Sequence[str]] = None,
            with_preprocessing: bool = False, opset: int = formats.DEFAULT_OPSET,
            quantize: Optional[str] = None, calibration_dataset_dir: Optional[str] = None,
-           calibration_images: int = 256, min_agreement: float = 0.99, quiet: bool = False) -> ExportResult:
-    """Export the trained net at `checkpoint_path` as `fmt` to `output`, verified (see module docstring)."""
+           calibration_images: int = 256, min_agreement: float = 0.99, quiet: bool = False,
+           moving_average: bool = True) -> ExportResult:
+    """Export the trained net at `checkpoint_path` as `fmt` to `output`, verified (see module docstring).
+
+    A run's moving-average weights are exported when it saved some, unless `moving_average` is False.
+    """
     check_format(fmt)
     if with_preprocessing and fmt not in ("onnx", "torchscript", "exported-program"):
         raise ConfigError(f"--with_preprocessing is available for onnx, torchscript and exported-program, not {fmt}")
@@ -76,7 +80,8 @@ def export(checkpoint_path: str, fmt: str, output: str, *, model_name: Optional[
     if fmt == "tflite":
         formats.require("litert_torch", "tflite", "--format tflite")
     source = load_source(checkpoint_path, model_name=model_name, num_classes=num_classes, image_size=image_size,
-                         preprocessing_name=preprocessing_name, labels_file=labels_file, multi_label=multi_label)
+                         preprocessing_name=preprocessing_name, labels_file=labels_file, multi_label=multi_label,
+                         moving_average=moving_average)
     out = Path(output).expanduser()
     if out.is_dir():
         raise ConfigError(f"--output {out} is a directory: give a file name, e.g. {out / ('model' + SUFFIXES[fmt])}")

@@ -9,6 +9,7 @@ A run killed at any point resumes from its last checkpoint when the same command
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import math
@@ -16,6 +17,7 @@ import platform
 import signal
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -39,6 +41,8 @@ from .distributed import (agree_on_setup, check_even_epoch, epoch_samples, lost_
                           rank0_then_wait, resume_batch_size, run_shape, unused_parameters, unused_parameters_error,
                           wrap_ddp)
 from .freeze import apply_trainable_scopes, decay_groups, freeze_aux_head
+from .ema import WeightAverage
+from .mechanics import autocast_dtype, check_compiler, clip_gradients, loss_shares, micro_batch_groups
 from .losses import aux_logits_of, batch_accuracy, sigmoid_loss, softmax_loss
 from .optimizers import build_optimizer
 from ..runtime import Runtime, all_reduce_sum, default_num_workers, seed_everything, setup_runtime, teardown_runtime
@@ -157,11 +161,13 @@ def _steps(config: TrainConfig, num_samples: int, runtime: Runtime,
     if samples_per_epoch is None:
         samples_per_epoch = epoch_samples(num_samples, runtime.world_size)
     batches_per_epoch = math.ceil(samples_per_epoch / global_batch)
-    steps_per_epoch = float(batches_per_epoch)
+    # With --accumulate_steps N an optimizer step takes N batches: the schedule, --num_epochs and
+    # --max_number_of_steps count optimizer steps (a step of N x B images, as one batch of N x B).
+    steps_per_epoch = float(math.ceil(batches_per_epoch / config.accumulate_steps))
     if config.max_number_of_steps is not None:
         total = config.max_number_of_steps
     elif config.num_epochs is not None:
-        total = math.ceil(config.num_epochs * batches_per_epoch)
+        total = math.ceil(config.num_epochs * steps_per_epoch)
     else:
         total = None
     return batches_per_epoch, steps_per_epoch, total
@@ -206,6 +212,10 @@ def train(config: TrainConfig) -> TrainResult:
 
 def _train(config: TrainConfig, runtime: Runtime) -> TrainResult:
     train_dir = Path(config.train_dir)
+    # Settings this device cannot run are refused before anything is written (fp16 on a CPU).
+    precision = autocast_dtype(config.precision, config.amp, runtime.device)
+    if config.compile:
+        check_compiler(runtime.device)
     if runtime.is_main and not config.dry_run:  # a dry run creates nothing
         train_dir.mkdir(parents=True, exist_ok=True)
         _setup_logging(train_dir, runtime.is_main)
@@ -286,6 +296,7 @@ def _train(config: TrainConfig, runtime: Runtime) -> TrainResult:
     if config.sync_batch_norm and runtime.distributed:
         _enable_sync_batch_norm(model, runtime)
     module: nn.Module = model
+    compiled = None
 
     # Input pipeline.
     image_size = config.train_image_size or spec.default_image_size
@@ -312,7 +323,17 @@ def _train(config: TrainConfig, runtime: Runtime) -> TrainResult:
                                 total_steps=total_steps)
 
     step = 0
+    averages = WeightAverage(model, config.moving_average_decay) if config.moving_average_decay and \
+        runtime.is_main else None
     if latest is not None:
+        if averages is not None and latest.averages is not None:
+            from safetensors.torch import load_file
+
+            averages.load(load_file(str(latest.averages), device=str(runtime.device)))
+        elif averages is not None:
+            _say(f"{latest.weights.name} has no moving averages: they start from its weights", runtime)
+        elif latest.averages is not None and runtime.is_main:
+            _say(f"Not keeping the moving averages of {latest.weights.name} (no --moving_average_decay)", runtime)
         step = int(state["step"])
         _set_rng_state(state, runtime)
         restored, why = _restore_optimizer(optimizer, state, config, model)
@@ -343,7 +364,7 @@ def _train(config: TrainConfig, runtime: Runtime) -> TrainResult:
                                   "split": split, "num_samples": len(source), "image_size": image_size,
                                   "world_size": runtime.world_size, "total_steps": total_steps,
                                   "steps_per_epoch": steps_per_epoch, "batches_per_epoch": batches_per_epoch,
-                                  "epochs": (total_steps / batches_per_epoch) if total_steps is not None else None,
+                                  "epochs": (total_steps / steps_per_epoch) if total_steps is not None else None,
                                   "device": str(runtime.device),
                                   "trainable_parameters": trainable_count, "parameters": total_count},
                      "versions": _versions()})
@@ -366,7 +387,8 @@ def _train(config: TrainConfig, runtime: Runtime) -> TrainResult:
                                       "world_size": runtime.world_size, "batch_size": config.batch_size,
                                       "epoch_samples": samples_per_epoch,
                                       "trainable": sorted(n for n, p in model.named_parameters() if p.requires_grad)},
-                                     metadata, keep=config.keep_checkpoint_max)
+                                     metadata, keep=config.keep_checkpoint_max,
+                                     averages=averages.averaged_state(model) if averages is not None else None)
         if not config_saved:
             # config.yaml describes the run that wrote the checkpoints: written once this run has
             # saved one, so a run that fails earlier leaves the last good run's config in place.
@@ -384,8 +406,10 @@ def _train(config: TrainConfig, runtime: Runtime) -> TrainResult:
                         disable=None)
     last_save_time = last_summary_time = time.time()
     window_start, window_images = time.time(), 0
-    autocast_dtype = torch.bfloat16 if runtime.device.type == "cpu" else torch.float16
-    scaler = torch.amp.GradScaler("cuda", enabled=config.amp and runtime.device.type == "cuda")
+    # float16 needs loss scaling (its range is narrow); bfloat16 has float32's range and needs none.
+    scaler = torch.amp.GradScaler("cuda", enabled=precision == torch.float16)
+    trainable_parameters = [p for p in model.parameters() if p.requires_grad]
+    accumulate = config.accumulate_steps
     # The first step whose loss was not finite, kept on the device: checking it every step would
     # wait for the GPU every step; it is read at the log interval and before each save.
     first_bad_step = torch.zeros((), dtype=torch.long, device=runtime.device)
@@ -403,42 +427,64 @@ def _train(config: TrainConfig, runtime: Runtime) -> TrainResult:
         # DDP wraps a module whose forward is forward_endpoints: the same forward, end points (aux
         # heads) included, as a single process runs, and DDP's gradient hooks see all of it.
         module = wrap_ddp(_EndpointsForward(model), runtime, config.find_unused_parameters, config.bucket_cap_mb)
+    if config.compile:
+        # forward_endpoints is what a step calls, so that (or DDP's forward, which calls it) is compiled.
+        compiled = torch.compile(module if runtime.distributed else _EndpointsForward(model))
     module.train()
     stop.install()
     try:
         while total_steps is None or step < total_steps:
-            epoch, start_batch = divmod(step, batches_per_epoch)
+            # An optimizer step takes `accumulate` consecutive batches of the epoch (fewer at its end).
+            epoch, step_in_epoch = divmod(step, int(steps_per_epoch))
+            start_batch = step_in_epoch * accumulate
             set_loader_epoch(loader, epoch, start_batch)
             step_at_epoch_start = step
-            for batch_number, batch in enumerate(loader, start=start_batch):
-                if batch_number >= batches_per_epoch or (total_steps is not None and step >= total_steps):
+            for micro in micro_batch_groups(itertools.islice(loader, max(batches_per_epoch - start_batch, 0)),
+                                            accumulate):
+                if total_steps is not None and step >= total_steps:
                     break
-                if batch.bad:
-                    result.skipped_images += len(batch.bad)
-                    for description in batch.bad:
-                        log.warning("skipped unreadable image %s", description)
-                if len(batch) == 0:
+                for batch in micro:
+                    if batch.bad:
+                        result.skipped_images += len(batch.bad)
+                        for description in batch.bad:
+                            log.warning("skipped unreadable image %s", description)
+                micro = [batch for batch in micro if len(batch)]
+                if not micro:
                     continue
-                images = batch.images.to(runtime.device, non_blocking=True)
-                if channels_last:
-                    images = images.contiguous(memory_format=torch.channels_last)
-                targets = batch.targets.to(runtime.device, non_blocking=True)
                 rate = rate_at(step)
                 for group in optimizer.param_groups:
                     group["lr"] = rate
                 if hasattr(model, "set_training_step"):
                     model.set_training_step(step)  # NASNet's drop path grows with training progress
-                with torch.autocast(runtime.device.type, dtype=autocast_dtype, enabled=config.amp):
-                    logits, end_points = _forward(module, images)
-                    aux = aux_logits_of(end_points, config.aux_loss_weight)
-                    if multi_label:
-                        loss = sigmoid_loss(logits.float(), targets, pos_weight,
-                                            aux.float() if aux is not None else None, config.aux_loss_weight)
-                    else:
-                        loss = softmax_loss(logits.float(), targets, config.label_smoothing,
-                                            aux.float() if aux is not None else None, config.aux_loss_weight)
                 optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
+                # Each micro-batch's mean loss, weighted by its share of the step's images: the summed
+                # gradients are those of one batch of all of them (weight 1.0 without accumulation).
+                shares = loss_shares([batch.targets for batch in micro], multi_label)
+                loss = accuracy_sum = torch.zeros((), device=runtime.device)
+                for index, (batch, share) in enumerate(zip(micro, shares)):
+                    images = batch.images.to(runtime.device, non_blocking=True)
+                    if channels_last:
+                        images = images.contiguous(memory_format=torch.channels_last)
+                    targets = batch.targets.to(runtime.device, non_blocking=True)
+                    # Under DDP the gradients are all-reduced once, with the last micro-batch's backward.
+                    syncing = module.no_sync() if runtime.distributed and index < len(micro) - 1 else nullcontext()
+                    with syncing:
+                        with torch.autocast(runtime.device.type, dtype=precision or torch.float32,
+                                            enabled=precision is not None):
+                            logits, end_points = compiled(images) if compiled is not None else \
+                                _forward(module, images)
+                            aux = aux_logits_of(end_points, config.aux_loss_weight)
+                            if multi_label:
+                                micro_loss = sigmoid_loss(logits.float(), targets, pos_weight,
+                                                          aux.float() if aux is not None else None,
+                                                          config.aux_loss_weight)
+                            else:
+                                micro_loss = softmax_loss(logits.float(), targets, config.label_smoothing,
+                                                          aux.float() if aux is not None else None,
+                                                          config.aux_loss_weight)
+                        scaler.scale(micro_loss * share).backward()
+                    loss = loss + micro_loss.detach() * share
+                    accuracy_sum = accuracy_sum + batch_accuracy(logits.detach().float(), targets, multi_label) * share
                 if not checked_unused and runtime.distributed and not config.find_unused_parameters:
                     # Checked once, before the update: DDP would fail at the next step, and the
                     # tensors sharing a bucket with them were not averaged in this one.
@@ -446,17 +492,22 @@ def _train(config: TrainConfig, runtime: Runtime) -> TrainResult:
                     unused = unused_parameters(model)
                     if unused:
                         raise unused_parameters_error(unused)
+                if config.clip_gradient_norm:
+                    scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
+                    clip_gradients(trainable_parameters, config.clip_gradient_norm, config.clip_gradient_mode)
                 scaler.step(optimizer)
                 scaler.update()
+                if averages is not None:
+                    averages.update(model, step)  # TF's num_updates: the global step before this one
                 step += 1
                 runtime.step = step
-                window_images += len(batch) * runtime.world_size
+                window_images += sum(len(batch) for batch in micro) * runtime.world_size
                 first_bad_step = torch.where((first_bad_step == 0) & ~torch.isfinite(loss.detach()),
                                              torch.full_like(first_bad_step, step), first_bad_step)
 
                 if step % config.log_every_n_steps == 0 or step == total_steps:
                     _check_finite(first_bad_step, runtime, config, collective=True)
-                    stats = torch.stack([loss.detach().float(), batch_accuracy(logits.float(), targets, multi_label)])
+                    stats = torch.stack([loss.detach().float(), accuracy_sum.float()])
                     stats = all_reduce_sum(stats, runtime) / runtime.world_size
                     loss_value, accuracy = float(stats[0]), float(stats[1])
                     elapsed = max(time.time() - window_start, 1e-9)
@@ -492,7 +543,7 @@ def _train(config: TrainConfig, runtime: Runtime) -> TrainResult:
                     rank0_then_wait(runtime)
                     last_save_time = now
                 if evaluator is not None and step % config.eval_every_n_steps == 0:
-                    evaluator(model, step, writer)
+                    evaluator(averages.averaged_model(model) if averages else model, step, writer)
                     module.train()
                 if _stop_now(stop, step, config, runtime) and step != total_steps:
                     _check_finite(first_bad_step, runtime, config)
@@ -523,7 +574,7 @@ def _train(config: TrainConfig, runtime: Runtime) -> TrainResult:
     rank0_then_wait(runtime)
     if runtime.is_main:
         if evaluator is not None and step % config.eval_every_n_steps != 0:
-            evaluator(model, step, writer)
+            evaluator(averages.averaged_model(model) if averages else model, step, writer)
         writer.close()
         if result.skipped_images:
             _say(f"{result.skipped_images} unreadable images were skipped (see {train_dir / 'train.log'})", runtime)
