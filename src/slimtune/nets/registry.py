@@ -51,6 +51,8 @@ class ModelSpec:
     published_top5: Optional[float] = None
     #: the smallest square input the net accepts (smaller inputs get one line naming this size).
     min_image_size: int = 1
+    #: parameter name -> depth (0 = stem ... max = classifier heads), for --layer_decay; None: the generic rule of nets/depth.py
+    layer_depths: Optional[Callable[[nn.Module], dict[str, int]]] = None
 
     def build(self, num_classes: int, image_size: Optional[int] = None, **kwargs: Any) -> nn.Module:
         """Build the network, then attach this spec to it as `model.spec`.

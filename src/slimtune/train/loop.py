@@ -35,6 +35,7 @@ from ..nets.registry import ModelSpec, get_model_spec
 from ..preprocessing import get_preprocessing
 from ..checkpoint import train_dir as ckpt
 from .freeze import apply_trainable_scopes, decay_groups
+from .rates import ResolvedRates, resolve_rates
 from .losses import aux_logits_of, batch_accuracy, sigmoid_loss, softmax_loss
 from .optimizers import build_optimizer
 from ..runtime import Runtime, all_reduce_sum, default_num_workers, seed_everything, setup_runtime, teardown_runtime
@@ -153,7 +154,46 @@ def _steps(config: TrainConfig, num_samples: int, runtime: Runtime) -> tuple[int
         total = math.ceil(config.num_epochs * batches_per_epoch)
     else:
         total = None
+    if total is not None:
+        total += _head_steps(config, batches_per_epoch)  # the main schedule counts after the head phase
     return batches_per_epoch, steps_per_epoch, total
+
+
+def _head_steps(config: TrainConfig, batches_per_epoch: int) -> int:
+    """Steps of the --head_epochs phase (0 without it)."""
+    return math.ceil(config.head_epochs * batches_per_epoch) if config.head_epochs else 0
+
+
+def _phase_trainable(model: nn.Module, config: TrainConfig, rates: Optional[ResolvedRates],
+                     head_phase: bool) -> tuple[Optional[set[str]], Optional[dict[str, float]]]:
+    """(trainable names or None for all, learning-rate multipliers or None) of a phase.
+
+    The head phase of --head_epochs trains the classifier heads the registry marks, at one rate;
+    the main phase trains --trainable_scopes less what a multiplier of 0 freezes.
+    """
+    if head_phase:
+        from ..checkpoint.scopes import expand_heads, select_params
+
+        heads = expand_heads("heads", model)
+        if not heads:
+            raise ConfigError(f"--head_epochs: {getattr(model, 'spec', None) and model.spec.name or 'this net'} "
+                              f"marks no classifier heads; use --trainable_scopes in a first run instead")
+        return set(select_params(model, heads, flag="--head_epochs")), None
+    trainable = _trainable_names(model, config)
+    if rates is None:
+        return trainable, None
+    return rates.restrict(trainable), rates.multipliers
+
+
+def _wrap_for_ddp(model: nn.Module, runtime: Runtime) -> nn.Module:
+    """The module the loop runs: the model itself, or under DDP a wrapper over its trainable tensors
+    (built again when --head_epochs changes what trains: DDP only reduces what trained when it was made)."""
+    if not runtime.distributed:
+        return model
+    # DDP wraps a module whose forward is forward_endpoints: the same forward, end points (aux
+    # heads) included, as a single process runs, and DDP's gradient hooks see all of it.
+    return DistributedDataParallel(_EndpointsForward(model),
+                                   device_ids=[runtime.device] if runtime.device.type == "cuda" else None)
 
 
 def _summaries(writer: Any, model: nn.Module, images: torch.Tensor, step: int) -> None:
@@ -219,7 +259,20 @@ def _train(config: TrainConfig, runtime: Runtime) -> TrainResult:
         ckpt.load_weights_into(model, latest.weights)
     elif config.checkpoint_path:
         plan = _warm_start(model, config, runtime)
-    trainable = _trainable_names(model, config)
+    rates = resolve_rates(model, config.learning_rate_multipliers, config.layer_decay, config.learning_rate, spec)
+    head_steps = _head_steps(config, _steps(config, len(source), runtime)[0]) if config.head_epochs else 0
+    head_phase = (latest.step if latest is not None else 0) < head_steps
+    if rates is not None:
+        # The table describes the main phase (the head phase trains the heads at one rate).
+        main_trainable, _ = _phase_trainable(model, config, rates, head_phase=False)
+        rates.mark_frozen(main_trainable)
+        _say(rates.format(), runtime)
+        if plan is not None and runtime.is_main and not config.dry_run:
+            from .dry_run import RESTORE_PLAN_FILENAME
+
+            with open(train_dir / RESTORE_PLAN_FILENAME, "a", encoding="utf-8") as handle:
+                handle.write("\n" + rates.format() + "\n")
+    trainable, multipliers = _phase_trainable(model, config, rates, head_phase)
     trainable_count = apply_trainable_scopes(model, trainable, config.freeze_batch_norm)
     total_count = sum(p.numel() for p in model.parameters())
     if config.dry_run:
@@ -231,10 +284,14 @@ def _train(config: TrainConfig, runtime: Runtime) -> TrainResult:
                                  "image_size": config.train_image_size or spec.default_image_size,
                                  "preprocessing": config.preprocessing_name or spec.preprocessing,
                                  "total_steps": _steps(config, len(source), runtime)[2],
+                                 **({"head_steps": head_steps} if head_steps else {}),
+                                 **({"learning_rates": rates.as_list()} if rates is not None else {}),
                                  "resume_from": str(latest.weights) if latest else None})
         return TrainResult(train_dir, latest.step if latest else 0, latest.weights if latest else None)
     if trainable_count == 0:
-        raise ConfigError(f"--trainable_scopes {config.trainable_scopes!r} leaves nothing to train")
+        raise ConfigError(f"--trainable_scopes {config.trainable_scopes!r} leaves nothing to train" if rates is None
+                          else f"--trainable_scopes {config.trainable_scopes!r} with --learning_rate_multipliers "
+                               f"{config.learning_rate_multipliers!r} leave nothing to train")
 
     model.to(runtime.device)
     # channels-last is faster for these convnets on GPU and on CPU (oneDNN; depthwise backward
@@ -242,12 +299,7 @@ def _train(config: TrainConfig, runtime: Runtime) -> TrainResult:
     channels_last = config.channels_last if config.channels_last is not None else True
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    module: nn.Module = model
-    if runtime.distributed:
-        # DDP wraps a module whose forward is forward_endpoints: the same forward, end points (aux
-        # heads) included, as a single process runs, and DDP's gradient hooks see all of it.
-        module = DistributedDataParallel(_EndpointsForward(model),
-                                         device_ids=[runtime.device] if runtime.device.type == "cuda" else None)
+    module = _wrap_for_ddp(model, runtime)
 
     # Input pipeline.
     image_size = config.train_image_size or spec.default_image_size
@@ -262,15 +314,22 @@ def _train(config: TrainConfig, runtime: Runtime) -> TrainResult:
 
     # Optimizer and schedule.
     # Kernels only get decay (slim's regularizers); AdamW applies the same groups decoupled.
-    groups = decay_groups(model, config.weight_decay)
+    groups = decay_groups(model, config.weight_decay, multipliers)
     optimizer = build_optimizer(config.optimizer, groups, config.learning_rate, config)
+    # Each group's share of the scheduled rate (--learning_rate_multipliers x --layer_decay), kept
+    # here: a restored optimizer state brings back the saved groups' settings, not this run's.
+    group_multipliers = [group.get("lr_multiplier", 1.0) for group in groups]
 
     def rate_at(step: int) -> float:
-        return learning_rate_at(step, learning_rate=config.learning_rate, decay_type=config.learning_rate_decay_type,
-                                steps_per_epoch=steps_per_epoch, num_epochs_per_decay=config.num_epochs_per_decay,
+        if step < head_steps:  # the --head_epochs phase: one fixed rate
+            return config.head_learning_rate or config.learning_rate
+        # The main schedule starts when the head phase ends, as it would in a second run.
+        return learning_rate_at(step - head_steps, learning_rate=config.learning_rate,
+                                decay_type=config.learning_rate_decay_type, steps_per_epoch=steps_per_epoch,
+                                num_epochs_per_decay=config.num_epochs_per_decay,
                                 decay_factor=config.learning_rate_decay_factor,
                                 end_learning_rate=config.end_learning_rate, warmup_epochs=config.warmup_epochs,
-                                total_steps=total_steps)
+                                total_steps=None if total_steps is None else total_steps - head_steps)
 
     step = 0
     if latest is not None:
@@ -279,6 +338,7 @@ def _train(config: TrainConfig, runtime: Runtime) -> TrainResult:
         _set_rng_state(state, runtime)
         restored, why = _restore_optimizer(optimizer, state, config, model)
         _say(f"Resumed from {latest.weights.name} at step {step}" +
+             (f" (head phase of --head_epochs, {head_steps} steps)" if head_phase else "") +
              ("" if restored else f"; the optimizer state starts fresh ({why})"), runtime)
         _say_changed_settings(train_dir, config, runtime)
         if total_steps is not None and step >= total_steps:
@@ -307,7 +367,9 @@ def _train(config: TrainConfig, runtime: Runtime) -> TrainResult:
                                   "steps_per_epoch": steps_per_epoch, "batches_per_epoch": batches_per_epoch,
                                   "epochs": (total_steps / batches_per_epoch) if total_steps is not None else None,
                                   "device": str(runtime.device),
-                                  "trainable_parameters": trainable_count, "parameters": total_count},
+                                  "trainable_parameters": trainable_count, "parameters": total_count,
+                                  **({"head_steps": head_steps} if head_steps else {}),
+                                  **({"learning_rates": rates.as_list()} if rates is not None else {})},
                      "versions": _versions()})
         dump_config(config, train_dir / f"config-{time.strftime('%Y%m%d-%H%M%S')}.yaml", {"versions": _versions()})
         from torch.utils.tensorboard import SummaryWriter
@@ -372,9 +434,21 @@ def _train(config: TrainConfig, runtime: Runtime) -> TrainResult:
                 if channels_last:
                     images = images.contiguous(memory_format=torch.channels_last)
                 targets = batch.targets.to(runtime.device, non_blocking=True)
+                if head_phase and step >= head_steps:
+                    # Phase 2 of --head_epochs: the whole net (as configured), a fresh optimizer.
+                    head_phase = False
+                    trainable, multipliers = _phase_trainable(model, config, rates, head_phase=False)
+                    trainable_count = apply_trainable_scopes(model, trainable, config.freeze_batch_norm)
+                    groups = decay_groups(model, config.weight_decay, multipliers)
+                    optimizer = build_optimizer(config.optimizer, groups, config.learning_rate, config)
+                    group_multipliers = [group.get("lr_multiplier", 1.0) for group in groups]
+                    module = _wrap_for_ddp(model, runtime)
+                    module.train()
+                    _say(f"Head phase done at step {step}: {trainable_count:,}/{total_count:,} parameters train "
+                         f"from now on", runtime)
                 rate = rate_at(step)
-                for group in optimizer.param_groups:
-                    group["lr"] = rate
+                for group, multiplier in zip(optimizer.param_groups, group_multipliers, strict=True):
+                    group["lr"] = rate * multiplier
                 if hasattr(model, "set_training_step"):
                     model.set_training_step(step)  # NASNet's drop path grows with training progress
                 with torch.autocast(runtime.device.type, dtype=autocast_dtype, enabled=config.amp):
