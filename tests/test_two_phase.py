@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import subprocess
 
 import pytest
 import torch
@@ -14,6 +16,7 @@ from slimtune.checkpoint import train_dir as ckpt
 from slimtune.cli import main
 from slimtune.train.loop import train
 from slimtune.train.signals import TrainingInterrupted
+from test_distributed import PLAIN_NET, SRC, _train_command
 from test_signals import _SignalWhenLogged
 from test_train import lenet_config
 
@@ -111,3 +114,26 @@ def test_head_epochs_on_a_net_without_marked_heads_is_one_line(tmp_path, capsys)
                  "--head_epochs", "1"]) == 2
     err = capsys.readouterr().err
     assert "--head_epochs: headless marks no classifier heads" in err and "Traceback" not in err
+
+
+# The distributed test's plain net (no dropout, no BatchNorm), its last layer marked as the head.
+HEADED_NET = PLAIN_NET.replace("    return nn.Sequential(", "    net = nn.Sequential(").replace(
+    "nn.Linear(8, num_classes))", "nn.Linear(8, num_classes))\n    net.classifier_scopes = ('6',)\n    return net")
+
+
+@pytest.mark.slow
+def test_two_phase_under_ddp_equals_one_process(tmp_path):
+    """Phase 2 rewraps the model in DDP: a wrapper made in phase 1 would not average the body's gradients."""
+    net = tmp_path / "headed_net.py"
+    net.write_text(HEADED_NET)
+    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    runs = {}
+    for processes, batch in ((2, 16), (1, 32)):
+        train_dir = tmp_path / f"p{processes}"
+        done = subprocess.run(_train_command(net, train_dir, batch, processes) + ["--head_epochs", "0.05"],
+                              capture_output=True, text=True, env=env, timeout=900)
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs[processes] = load_file(str(train_dir / "model.ckpt-9.safetensors"))  # 3 head steps + 6
+    assert runs[1].keys() == runs[2].keys()
+    for name in runs[1]:
+        assert torch.allclose(runs[1][name], runs[2][name], atol=1e-5, rtol=1e-4), name
