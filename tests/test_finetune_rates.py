@@ -146,6 +146,10 @@ def test_the_resolved_table_is_printed_saved_in_the_plan_and_config(tmp_path, ca
     mapping = resolve_rates(model, {"LeNet/fc4": 10, "conv[1]": 0}, None, 0.01)
     text = resolve_rates(model, "LeNet/fc4=10, conv[1]=0", None, 0.01)
     assert mapping.multipliers == text.multipliers
+    # 'heads' names the classifier heads; a pattern whose every match an earlier one took is pointed out
+    both = resolve_rates(model, "heads=10,LeNet/fc4=3", None, 0.01)
+    assert both.multipliers["LeNet.fc4.weight"] == 10 and both.multipliers["LeNet.fc3.weight"] == 1
+    assert "pattern 'LeNet/fc4' sets no rate: earlier patterns take every parameter it selects" in both.format()
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -147,6 +147,8 @@ class ResolvedRates:
 
     multipliers: dict[str, float]
     rows: list[RateRow]
+    #: patterns every parameter of which an earlier pattern took first (they change nothing)
+    shadowed: list[str] = field(default_factory=list)
 
     def frozen_names(self) -> set[str]:
         """Parameters a multiplier of 0 freezes."""
@@ -174,6 +176,8 @@ class ResolvedRates:
             rate = "frozen" if row.frozen else f"{row.rate:.4g}"
             lines.append(f"  {row.scope:<{width}}  {row.rule:<{rule_width}}  {row.multiplier:>9.4g}  {rate:>10}  "
                          f"{row.parameters:>11,}")
+        lines += [f"  pattern '{pattern}' sets no rate: earlier patterns take every parameter it selects "
+                  f"(the first match wins)" for pattern in self.shadowed]
         return "\n".join(lines)
 
     def as_list(self) -> list[dict[str, Any]]:
@@ -230,4 +234,5 @@ def resolve_rates(model: nn.Module, rules_value: Any, layer_decay: Optional[floa
             rule = f"{rule}; depth {depth}/{deepest}" if rule_index is not None else f"depth {depth}/{deepest}"
         rows.append(RateRow(scope=scope, rule=rule, multiplier=multiplier, rate=learning_rate * multiplier,
                             frozen=multiplier == 0, parameters=sum(sizes[m] for m in members), members=members))
-    return ResolvedRates(multipliers, rows)
+    shadowed = [rule.pattern for index, rule in enumerate(rules) if index not in chosen.values()]
+    return ResolvedRates(multipliers, rows, shadowed)
