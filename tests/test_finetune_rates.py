@@ -141,6 +141,10 @@ def test_the_resolved_table_is_printed_saved_in_the_plan_and_config(tmp_path, ca
                      "LeNet/fc4": ("LeNet/fc4", 10.0, 0.1, False, 1024 * 10 + 10)}
     plan = (run / "restore_plan.txt").read_text()
     assert "Learning rates (3 scopes)" in plan and "frozen" in plan.split("Learning rates")[1]
+    # a dry run resolves and prints the same table, writing nothing
+    assert main(["train", "--config", str(recipe), "--train_dir", str(tmp_path / "dry"), "--dry_run"]) == 0
+    err = capsys.readouterr().err
+    assert "Learning rates (3 scopes)" in err and "learning_rates:" in err and not (tmp_path / "dry").exists()
     # the same mapping in flag form resolves to the same multipliers
     model = create_model("lenet", num_classes=10)
     mapping = resolve_rates(model, {"LeNet/fc4": 10, "conv[1]": 0}, None, 0.01)
@@ -162,6 +166,7 @@ def test_the_resolved_table_is_printed_saved_in_the_plan_and_config(tmp_path, ca
     (["--learning_rate_multipliers", "fc4=-1"], "a multiplier must be a finite number >= 0"),
     (["--layer_decay", "1.5"], "setting layer_decay: 1.5 is out of range (must be <= 1)"),
     (["--learning_rate_multipliers", "LeNet=0"], "leave nothing to train"),
+    (["--learning_rate_multipliers", "LeNet=0", "--head_epochs", "1"], "leave nothing to train"),  # up front
 ])
 def test_bad_multipliers_are_one_line_naming_the_choices(tmp_path, capsys, flags, message):
     assert main(["train", "--model_name", "lenet", "--dataset_name", "digits", "--train_dir", str(tmp_path / "r"),

@@ -91,7 +91,9 @@ def test_an_interrupted_two_phase_run_resumes_bit_for_bit(tmp_path, straight_two
     assert _same(straight_two_phase, _weights(resumed.checkpoint))
     if stop_at < HEAD_STEPS:
         assert "(head phase of --head_epochs, 3 steps)" in err and "Head phase done at step 3" in err
-    elif stop_at > HEAD_STEPS:
+    elif stop_at == HEAD_STEPS:
+        assert "the optimizer state starts fresh (the head phase of --head_epochs ended here" in err
+    else:
         assert len(trainable) == 8 and "Head phase done" not in err
 
 
@@ -114,6 +116,10 @@ def test_head_epochs_on_a_net_without_marked_heads_is_one_line(tmp_path, capsys)
                  "--head_epochs", "1"]) == 2
     err = capsys.readouterr().err
     assert "--head_epochs: headless marks no classifier heads" in err and "Traceback" not in err
+    assert main(["train", "--model_name", "lenet", "--dataset_name", "digits", "--train_dir", str(tmp_path / "r2"),
+                 "--max_number_of_steps", "1", "--num_workers", "0", "--head_learning_rate", "0.1"]) == 2
+    assert "--head_learning_rate is the rate of the --head_epochs phase: add --head_epochs K" in \
+        capsys.readouterr().err
 
 
 # The distributed test's plain net (no dropout, no BatchNorm), its last layer marked as the head.

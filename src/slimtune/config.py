@@ -120,7 +120,7 @@ class TrainConfig(DataSettings):
                                                 "--learning_rate_multipliers")
     head_epochs: Optional[float] = _flag(None, "two-phase fine-tuning in one run: first train only the classifier "
                                                "heads for this many epochs at --head_learning_rate, then the "
-                                               "whole net on the main schedule (--num_epochs / "
+                                               "whole net (or --trainable_scopes) on the main schedule (--num_epochs / "
                                                "--max_number_of_steps count after the head phase)")
     head_learning_rate: Optional[float] = _flag(None, "fixed learning rate of the --head_epochs phase "
                                                       "(default: --learning_rate)")

@@ -259,12 +259,18 @@ def _train(config: TrainConfig, runtime: Runtime) -> TrainResult:
         ckpt.load_weights_into(model, latest.weights)
     elif config.checkpoint_path:
         plan = _warm_start(model, config, runtime)
+    if config.head_learning_rate is not None and not config.head_epochs:
+        raise ConfigError("--head_learning_rate is the rate of the --head_epochs phase: add --head_epochs K "
+                          "(or drop it)")
     rates = resolve_rates(model, config.learning_rate_multipliers, config.layer_decay, config.learning_rate, spec)
     head_steps = _head_steps(config, _steps(config, len(source), runtime)[0]) if config.head_epochs else 0
     head_phase = (latest.step if latest is not None else 0) < head_steps
+    main_trainable, _ = _phase_trainable(model, config, rates, head_phase=False)
+    if rates is not None and main_trainable is not None and not main_trainable:
+        raise ConfigError(f"--trainable_scopes {config.trainable_scopes!r} with --learning_rate_multipliers "
+                          f"{config.learning_rate_multipliers!r} leave nothing to train")
     if rates is not None:
         # The table describes the main phase (the head phase trains the heads at one rate).
-        main_trainable, _ = _phase_trainable(model, config, rates, head_phase=False)
         rates.mark_frozen(main_trainable)
         _say(rates.format(), runtime)
         if plan is not None and runtime.is_main and not config.dry_run:
@@ -289,9 +295,7 @@ def _train(config: TrainConfig, runtime: Runtime) -> TrainResult:
                                  "resume_from": str(latest.weights) if latest else None})
         return TrainResult(train_dir, latest.step if latest else 0, latest.weights if latest else None)
     if trainable_count == 0:
-        raise ConfigError(f"--trainable_scopes {config.trainable_scopes!r} leaves nothing to train" if rates is None
-                          else f"--trainable_scopes {config.trainable_scopes!r} with --learning_rate_multipliers "
-                               f"{config.learning_rate_multipliers!r} leave nothing to train")
+        raise ConfigError(f"--trainable_scopes {config.trainable_scopes!r} leaves nothing to train")
 
     model.to(runtime.device)
     # channels-last is faster for these convnets on GPU and on CPU (oneDNN; depthwise backward
@@ -337,6 +341,8 @@ def _train(config: TrainConfig, runtime: Runtime) -> TrainResult:
         step = int(state["step"])
         _set_rng_state(state, runtime)
         restored, why = _restore_optimizer(optimizer, state, config, model)
+        if not restored and head_steps and step == head_steps:
+            why = "the head phase of --head_epochs ended here; the whole net trains from now on"
         _say(f"Resumed from {latest.weights.name} at step {step}" +
              (f" (head phase of --head_epochs, {head_steps} steps)" if head_phase else "") +
              ("" if restored else f"; the optimizer state starts fresh ({why})"), runtime)
