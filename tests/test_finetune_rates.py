@@ -14,6 +14,7 @@ from slimtune.checkpoint import train_dir as ckpt
 from slimtune.checkpoint.scopes import classifier_scopes_of, in_scope
 from slimtune.cli import main
 from slimtune.config import TrainConfig
+from slimtune.errors import ConfigError
 from slimtune.nets import get_model_spec, list_models
 from slimtune.nets.depth import parameter_depths
 from slimtune.train.loop import train
@@ -59,6 +60,9 @@ def test_a_registry_depth_order_overrides_the_generic_rule():
     model = own.build(10)
     assert set(parameter_depths(model).values()) == {0}
     assert set(parameter_depths(model, spec).values()) == {0, 1, 2, 3}  # the generic rule, for comparison
+    partial = dataclasses.replace(spec, layer_depths=lambda model: {"LeNet.conv1.weight": 0})
+    with pytest.raises(ConfigError, match=r"lenet's layer_depths gives no depth for 7 parameter\(s\), e.g. LeNet.conv1.bias"):
+        parameter_depths(partial.build(10))
 
 
 # ---- the rates themselves: one SGD step moves each parameter by rate x multiplier x gradient ----

@@ -22,6 +22,7 @@ from typing import Any, Optional
 from torch import nn
 
 from ..checkpoint.scopes import classifier_scopes_of, common_net_scope, in_scope
+from ..errors import ConfigError
 
 _NUMBERED = re.compile(r"^(.*?)_?(\d+)$")
 # Numbered scopes that run side by side, not one after another (Inception's Branch_0..3): one depth.
@@ -100,4 +101,11 @@ def parameter_depths(model: nn.Module, spec: Any = None) -> dict[str, int]:
     """
     spec = spec if spec is not None else getattr(model, "spec", None)
     rule = getattr(spec, "layer_depths", None)
-    return rule(model) if rule is not None else generic_depths(model)
+    if rule is None:
+        return generic_depths(model)
+    depths = rule(model)
+    missing = [name for name, _ in model.named_parameters() if name not in depths]
+    if missing:
+        raise ConfigError(f"--layer_decay: {spec.name}'s layer_depths gives no depth for {len(missing)} "
+                          f"parameter(s), e.g. {', '.join(missing[:3])}; fix the registry entry")
+    return {name: int(depths[name]) for name, _ in model.named_parameters()}
