@@ -8,6 +8,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from test_train import lenet_config
 
 from slimtune import create_model
 from slimtune.checkpoint import train_dir as ckpt
@@ -19,7 +20,6 @@ from slimtune.nets import get_model_spec, list_models
 from slimtune.nets.depth import parameter_depths
 from slimtune.train.loop import train
 from slimtune.train.rates import resolve_rates
-from test_train import lenet_config
 
 # ---- the depth order, over the whole registry (meta device: no storage, no cost) ----
 
@@ -37,7 +37,7 @@ def test_every_net_has_a_depth_order_monotone_in_blocks_with_heads_deepest(name)
     is_head = {n: any(in_scope(n, scope, getattr(model, "scope", None) or None) for scope in heads) for n in names}
     assert all(depths[n] == deepest for n in names if is_head[n])
     body = [depths[n] for n in names if not is_head[n]]
-    assert body[0] == 0 and all(a <= b for a, b in zip(body, body[1:])), "depth must follow block order"
+    assert body[0] == 0 and all(a <= b for a, b in zip(body, body[1:], strict=False)), "depth must follow block order"
     assert max(body) == deepest - 1 and len(set(body)) == deepest  # no depth skipped, heads one deeper
     assert deepest >= 3
 

@@ -10,15 +10,15 @@ import subprocess
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_distributed import PLAIN_NET, SRC, _train_command
+from test_signals import _SignalWhenLogged
+from test_train import lenet_config
 
 from slimtune import create_model
 from slimtune.checkpoint import train_dir as ckpt
 from slimtune.cli import main
 from slimtune.train.loop import train
 from slimtune.train.signals import TrainingInterrupted
-from test_distributed import PLAIN_NET, SRC, _train_command
-from test_signals import _SignalWhenLogged
-from test_train import lenet_config
 
 # 46 batches of 32 per digits epoch: 0.05 epochs are ceil(2.3) = 3 head steps, then 4 main steps.
 HEAD = dict(head_epochs=0.05, head_learning_rate=1e-2, learning_rate=1e-3, max_number_of_steps=4,

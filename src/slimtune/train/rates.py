@@ -188,7 +188,7 @@ class ResolvedRates:
 def _common_scope(names: list[str]) -> str:
     split = [_slim_spelling(n).split("/")[:-1] for n in names]
     common: list[str] = []
-    for parts in zip(*split):
+    for parts in zip(*split, strict=False):  # names of different depths: up to the shortest
         if len(set(parts)) != 1:
             break
         common.append(parts[0])
