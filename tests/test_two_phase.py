@@ -17,6 +17,7 @@ from test_train import lenet_config
 from slimtune import create_model
 from slimtune.checkpoint import train_dir as ckpt
 from slimtune.cli import main
+from slimtune.config import TrainConfig
 from slimtune.train.loop import train
 from slimtune.train.signals import TrainingInterrupted
 
@@ -143,3 +144,19 @@ def test_two_phase_under_ddp_equals_one_process(tmp_path):
     assert runs[1].keys() == runs[2].keys()
     for name in runs[1]:
         assert torch.allclose(runs[1][name], runs[2][name], atol=1e-5, rtol=1e-4), name
+
+
+def test_batch_norm_statistics_stay_put_in_the_head_phase_and_move_after_it(tmp_path, cats_vs_dogs):
+    # 12 images in batches of 4: one head epoch is 3 steps, then 2 steps of the whole net.
+    result = train(TrainConfig(model_name="mobilenet_v1_025", dataset_dir=str(cats_vs_dogs), train_dir=str(tmp_path),
+                               train_image_size=64, batch_size=4, head_epochs=1, max_number_of_steps=2,
+                               save_every_n_steps=3, num_workers=0, optimizer="sgd", learning_rate=0.1,
+                               save_summaries_secs=1e9))
+    assert result.step == 5
+    torch.manual_seed(0)
+    fresh = create_model("mobilenet_v1_025", num_classes=2).state_dict()
+    statistics = [k for k in fresh if k.endswith(("running_mean", "running_var"))]
+    after_heads = _weights(tmp_path / "model.ckpt-3.safetensors")
+    assert statistics and all(torch.equal(after_heads[k], fresh[k]) for k in statistics)
+    final = _weights(result.checkpoint)
+    assert all(not torch.equal(final[k], fresh[k]) for k in statistics)  # phase 2 unfroze every BatchNorm
