@@ -142,7 +142,7 @@ def test_amp_is_the_deprecated_spelling_of_bf16_on_cpu(tmp_path):
 
 @pytest.mark.skipif(not mechanics.cpu_has_bf16(), reason="this CPU has no bfloat16 instructions")
 def test_bf16_run_trains_lenet_on_digits_to_95_percent(tmp_path):
-    result = train(lenet_config(tmp_path, max_number_of_steps=150, precision="bf16"))
+    train(lenet_config(tmp_path, max_number_of_steps=150, precision="bf16"))
     fp32 = train(lenet_config(tmp_path / "fp32", max_number_of_steps=3, deterministic=True))
     bf16 = train(lenet_config(tmp_path / "bf16", max_number_of_steps=3, deterministic=True, precision="bf16"))
     a, b = load_file(str(fp32.checkpoint)), load_file(str(bf16.checkpoint))

@@ -111,6 +111,21 @@ class TrainConfig(DataSettings):
     checkpoint_name_map: list = _flag([], "rename rule MODEL_PREFIX=CHECKPOINT_PREFIX, 're:REGEX=REPLACEMENT', "
                                           "or 'auto' (repeatable)", repeatable=True)
     freeze_batch_norm: bool = _flag(False, "keep every BatchNorm on its moving statistics")
+    learning_rate_multipliers: Optional[dict] = _flag(None, "per-scope learning-rate multipliers "
+                                                            "'SCOPE=X,REGEX=Y' (a mapping in YAML): the first "
+                                                            "pattern that selects a parameter wins (scope "
+                                                            "boundaries, slim or torch spelling, 'heads' = the "
+                                                            "classifier heads; a pattern with regex characters "
+                                                            "is a regex); 0 freezes as --trainable_scopes does")
+    layer_decay: Optional[float] = _flag(None, "layer-wise learning-rate decay (timm/BEiT): depth d of D trains at "
+                                                "rate x decay^(D-d), heads at the full rate; multiplies "
+                                                "--learning_rate_multipliers")
+    head_epochs: Optional[float] = _flag(None, "two-phase fine-tuning in one run: first train only the classifier "
+                                               "heads for this many epochs at --head_learning_rate, then the "
+                                               "whole net (or --trainable_scopes) on the main schedule (--num_epochs / "
+                                               "--max_number_of_steps count after the head phase)")
+    head_learning_rate: Optional[float] = _flag(None, "fixed learning rate of the --head_epochs phase "
+                                                      "(default: --learning_rate)")
     dry_run: bool = _flag(False, "print the restore plan and the run's settings, then stop")
     log_every_n_steps: int = _flag(10, "log and refresh the progress line every N steps")
     save_interval_secs: float = _flag(600.0, "save a checkpoint every N seconds")
@@ -337,6 +352,7 @@ RANGES: dict[str, tuple[Any, Any]] = {
     "seed": (0, None), "validation_fraction": ([0.0], [1.0]), "bucket_cap_mb": ([0.0], None),
     "distributed_timeout": ([0.0], None),
     "accumulate_steps": (1, None), "clip_gradient_norm": (0.0, None), "moving_average_decay": ([0.0], [1.0]),
+    "layer_decay": ([0.0], 1.0), "head_epochs": ([0.0], None), "head_learning_rate": ([0.0], None),
 }
 # Durations where infinity means "never"; every other float must be finite.
 _INFINITE_OK = {"save_interval_secs", "save_summaries_secs", "eval_interval_secs", "timeout_secs"}

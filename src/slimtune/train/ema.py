@@ -57,6 +57,15 @@ class WeightAverage:
         live = model.state_dict()
         self.shadow: dict[str, torch.Tensor] = {name: live[name].detach().clone() for name in self.names}
 
+    def track_new(self, model: nn.Module) -> None:
+        """Also average the tensors that became trainable (the whole net after a --head_epochs phase),
+        starting from their current values; the shadows already kept go on."""
+        live = model.state_dict()
+        for name in averaged_names(model):
+            if name not in self.shadow:
+                self.names.append(name)
+                self.shadow[name] = live[name].detach().clone()
+
     @torch.no_grad()
     def update(self, model: nn.Module, step: int) -> float:
         """Move every shadow toward the model's current value; `step` is the global step before

@@ -31,8 +31,21 @@ def freeze_module_stats(module: nn.Module) -> None:
         module.train = lambda mode=True: module  # type: ignore[assignment]
 
 
+def unfreeze_module_stats(module: nn.Module) -> None:
+    """Undo freeze_module_stats: the BatchNorm follows model.train() / eval() again."""
+    if isinstance(module, BatchNorm):
+        module.frozen = False
+    elif "train" in vars(module):
+        del module.train  # the class's own train() again
+        module.train(True)
+
+
 def apply_trainable_scopes(model: nn.Module, trainable: Optional[set[str]], freeze_batch_norm: bool = False) -> int:
-    """Freeze every parameter not in `trainable` (None = all train); return the trainable count."""
+    """Freeze every parameter not in `trainable` (None = all train); return the trainable count.
+
+    It may be applied again with another set (phase 2 of --head_epochs): BatchNorms frozen before
+    and trainable now update their statistics again.
+    """
     for name, parameter in model.named_parameters():
         parameter.requires_grad_(trainable is None or name in trainable)
     for name, module in _norm_modules(model):
@@ -43,23 +56,37 @@ def apply_trainable_scopes(model: nn.Module, trainable: Optional[set[str]], free
             frozen = trainable is not None and f"{name.rsplit('.', 1)[0]}.weight" not in trainable
         if freeze_batch_norm or frozen:
             freeze_module_stats(module)
+        else:
+            unfreeze_module_stats(module)
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Optimizer groups: conv/fc kernels get L2 (slim's regularizers), biases and norms don't."""
-    decay, no_decay = [], []
+def decay_groups(model: nn.Module, weight_decay: float,
+                 multipliers: Optional[dict[str, float]] = None) -> list[dict]:
+    """Optimizer groups: conv/fc kernels get L2 (slim's regularizers), biases and norms don't.
+
+    With `multipliers` (parameter name -> learning-rate multiplier, from --learning_rate_multipliers
+    and --layer_decay) each multiplier gets its own pair of groups, carrying it as `lr_multiplier`.
+    """
+    buckets: dict[tuple[float, bool], list] = {}
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
         leaf = name.rsplit(".", 1)[-1]
         is_kernel = leaf == "weight" and parameter.dim() > 1
-        (decay if is_kernel else no_decay).append(parameter)
+        multiplier = 1.0 if multipliers is None else float(multipliers.get(name, 1.0))
+        # Kernels first within a multiplier: without multipliers, the two groups slim runs always had.
+        buckets.setdefault((multiplier, True), [])
+        buckets.setdefault((multiplier, False), [])
+        buckets[(multiplier, is_kernel)].append(parameter)
     groups = []
-    if decay:
-        groups.append({"params": decay, "weight_decay": weight_decay})
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
+    for (multiplier, is_kernel), params in buckets.items():
+        if not params:
+            continue
+        group = {"params": params, "weight_decay": weight_decay if is_kernel else 0.0}
+        if multipliers is not None:
+            group["lr_multiplier"] = multiplier
+        groups.append(group)
     return groups
 
 

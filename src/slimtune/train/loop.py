@@ -43,6 +43,7 @@ from .distributed import (agree_on_setup, check_even_epoch, epoch_samples, lost_
 from .freeze import apply_trainable_scopes, decay_groups, freeze_aux_head
 from .ema import WeightAverage
 from .mechanics import autocast_dtype, check_compiler, clip_gradients, loss_shares, micro_batch_groups
+from .rates import ResolvedRates, resolve_rates
 from .losses import aux_logits_of, batch_accuracy, sigmoid_loss, softmax_loss
 from .optimizers import build_optimizer
 from ..runtime import Runtime, all_reduce_sum, default_num_workers, seed_everything, setup_runtime, teardown_runtime
@@ -170,7 +171,51 @@ def _steps(config: TrainConfig, num_samples: int, runtime: Runtime,
         total = math.ceil(config.num_epochs * steps_per_epoch)
     else:
         total = None
+    if total is not None:
+        total += _head_steps(config, steps_per_epoch)  # the main schedule counts after the head phase
     return batches_per_epoch, steps_per_epoch, total
+
+
+def _head_steps(config: TrainConfig, steps_per_epoch: float) -> int:
+    """Optimizer steps of the --head_epochs phase (0 without it)."""
+    return math.ceil(config.head_epochs * steps_per_epoch) if config.head_epochs else 0
+
+
+def _phase_trainable(model: nn.Module, config: TrainConfig, rates: Optional[ResolvedRates],
+                     head_phase: bool) -> tuple[Optional[set[str]], Optional[dict[str, float]]]:
+    """(trainable names or None for all, learning-rate multipliers or None) of a phase.
+
+    The head phase of --head_epochs trains the classifier heads the registry marks, at one rate;
+    the main phase trains --trainable_scopes less what a multiplier of 0 freezes.
+    """
+    if head_phase:
+        from ..checkpoint.scopes import expand_heads, select_params
+
+        heads = expand_heads("heads", model)
+        if not heads:
+            raise ConfigError(f"--head_epochs: {getattr(model, 'spec', None) and model.spec.name or 'this net'} "
+                              f"marks no classifier heads; use --trainable_scopes in a first run instead")
+        return set(select_params(model, heads, flag="--head_epochs")), None
+    trainable = _trainable_names(model, config)
+    if rates is None:
+        return trainable, None
+    return rates.restrict(trainable), rates.multipliers
+
+
+def _runner(model: nn.Module, runtime: Runtime, config: TrainConfig) -> tuple[nn.Module, Optional[nn.Module]]:
+    """(the module the loop runs, its torch.compile'd forward or None): the model itself, or under DDP
+    a wrapper over its trainable tensors (built again when --head_epochs changes what trains: DDP
+    only reduces what trained when it was made)."""
+    module: nn.Module = model
+    if runtime.distributed:
+        # DDP wraps a module whose forward is forward_endpoints: the same forward, end points (aux
+        # heads) included, as a single process runs, and DDP's gradient hooks see all of it.
+        module = wrap_ddp(_EndpointsForward(model), runtime, config.find_unused_parameters, config.bucket_cap_mb)
+    compiled = None
+    if config.compile:
+        # forward_endpoints is what a step calls, so that (or DDP's forward, which calls it) is compiled.
+        compiled = torch.compile(module if runtime.distributed else _EndpointsForward(model))
+    return module, compiled
 
 
 def _summaries(writer: Any, model: nn.Module, images: torch.Tensor, step: int) -> None:
@@ -265,7 +310,26 @@ def _train(config: TrainConfig, runtime: Runtime) -> TrainResult:
         ckpt.load_weights_into(model, latest.weights)
     elif config.checkpoint_path:
         plan = _warm_start(model, config, runtime)
-    trainable = _trainable_names(model, config)
+    if config.head_learning_rate is not None and not config.head_epochs:
+        raise ConfigError("--head_learning_rate is the rate of the --head_epochs phase: add --head_epochs K "
+                          "(or drop it)")
+    rates = resolve_rates(model, config.learning_rate_multipliers, config.layer_decay, config.learning_rate, spec)
+    head_steps = _head_steps(config, _steps(config, len(source), runtime, samples_per_epoch)[1]) if config.head_epochs else 0
+    head_phase = (latest.step if latest is not None else 0) < head_steps
+    main_trainable, _ = _phase_trainable(model, config, rates, head_phase=False)
+    if rates is not None and main_trainable is not None and not main_trainable:
+        raise ConfigError(f"--trainable_scopes {config.trainable_scopes!r} with --learning_rate_multipliers "
+                          f"{config.learning_rate_multipliers!r} leave nothing to train")
+    if rates is not None:
+        # The table describes the main phase (the head phase trains the heads at one rate).
+        rates.mark_frozen(main_trainable)
+        _say(rates.format(), runtime)
+        if plan is not None and runtime.is_main and not config.dry_run:
+            from .dry_run import RESTORE_PLAN_FILENAME
+
+            with open(train_dir / RESTORE_PLAN_FILENAME, "a", encoding="utf-8") as handle:
+                handle.write("\n" + rates.format() + "\n")
+    trainable, multipliers = _phase_trainable(model, config, rates, head_phase)
     trainable_count = apply_trainable_scopes(model, trainable, config.freeze_batch_norm)
     if not config.aux_loss_weight:
         frozen_aux = freeze_aux_head(model)  # no loss reaches it: DDP must not wait for its gradients
@@ -282,6 +346,8 @@ def _train(config: TrainConfig, runtime: Runtime) -> TrainResult:
                                  "image_size": config.train_image_size or spec.default_image_size,
                                  "preprocessing": config.preprocessing_name or spec.preprocessing,
                                  "total_steps": _steps(config, len(source), runtime, samples_per_epoch)[2],
+                                 **({"head_steps": head_steps} if head_steps else {}),
+                                 **({"learning_rates": rates.as_list()} if rates is not None else {}),
                                  "resume_from": str(latest.weights) if latest else None})
         return TrainResult(train_dir, latest.step if latest else 0, latest.weights if latest else None)
     if trainable_count == 0:
@@ -312,15 +378,22 @@ def _train(config: TrainConfig, runtime: Runtime) -> TrainResult:
 
     # Optimizer and schedule.
     # Kernels only get decay (slim's regularizers); AdamW applies the same groups decoupled.
-    groups = decay_groups(model, config.weight_decay)
+    groups = decay_groups(model, config.weight_decay, multipliers)
     optimizer = build_optimizer(config.optimizer, groups, config.learning_rate, config)
+    # Each group's share of the scheduled rate (--learning_rate_multipliers x --layer_decay), kept
+    # here: a restored optimizer state brings back the saved groups' settings, not this run's.
+    group_multipliers = [group.get("lr_multiplier", 1.0) for group in groups]
 
     def rate_at(step: int) -> float:
-        return learning_rate_at(step, learning_rate=config.learning_rate, decay_type=config.learning_rate_decay_type,
-                                steps_per_epoch=steps_per_epoch, num_epochs_per_decay=config.num_epochs_per_decay,
+        if step < head_steps:  # the --head_epochs phase: one fixed rate
+            return config.head_learning_rate or config.learning_rate
+        # The main schedule starts when the head phase ends, as it would in a second run.
+        return learning_rate_at(step - head_steps, learning_rate=config.learning_rate,
+                                decay_type=config.learning_rate_decay_type, steps_per_epoch=steps_per_epoch,
+                                num_epochs_per_decay=config.num_epochs_per_decay,
                                 decay_factor=config.learning_rate_decay_factor,
                                 end_learning_rate=config.end_learning_rate, warmup_epochs=config.warmup_epochs,
-                                total_steps=total_steps)
+                                total_steps=None if total_steps is None else total_steps - head_steps)
 
     step = 0
     averages = WeightAverage(model, config.moving_average_decay) if config.moving_average_decay and \
@@ -337,7 +410,10 @@ def _train(config: TrainConfig, runtime: Runtime) -> TrainResult:
         step = int(state["step"])
         _set_rng_state(state, runtime)
         restored, why = _restore_optimizer(optimizer, state, config, model)
+        if not restored and head_steps and step == head_steps:
+            why = "the head phase of --head_epochs ended here; the whole net trains from now on"
         _say(f"Resumed from {latest.weights.name} at step {step}" +
+             (f" (head phase of --head_epochs, {head_steps} steps)" if head_phase else "") +
              ("" if restored else f"; the optimizer state starts fresh ({why})"), runtime)
         _say_changed_settings(train_dir, config, runtime)
         if total_steps is not None and step >= total_steps:
@@ -366,7 +442,9 @@ def _train(config: TrainConfig, runtime: Runtime) -> TrainResult:
                                   "steps_per_epoch": steps_per_epoch, "batches_per_epoch": batches_per_epoch,
                                   "epochs": (total_steps / steps_per_epoch) if total_steps is not None else None,
                                   "device": str(runtime.device),
-                                  "trainable_parameters": trainable_count, "parameters": total_count},
+                                  "trainable_parameters": trainable_count, "parameters": total_count,
+                                  **({"head_steps": head_steps} if head_steps else {}),
+                                  **({"learning_rates": rates.as_list()} if rates is not None else {})},
                      "versions": _versions()})
         dump_config(config, train_dir / f"config-{time.strftime('%Y%m%d-%H%M%S')}.yaml", {"versions": _versions()})
         from torch.utils.tensorboard import SummaryWriter
@@ -423,13 +501,7 @@ def _train(config: TrainConfig, runtime: Runtime) -> TrainResult:
     runtime.prepared = True  # (also when another rank failed: the agreement is over either way)
     if settled is not None:
         raise settled
-    if runtime.distributed:
-        # DDP wraps a module whose forward is forward_endpoints: the same forward, end points (aux
-        # heads) included, as a single process runs, and DDP's gradient hooks see all of it.
-        module = wrap_ddp(_EndpointsForward(model), runtime, config.find_unused_parameters, config.bucket_cap_mb)
-    if config.compile:
-        # forward_endpoints is what a step calls, so that (or DDP's forward, which calls it) is compiled.
-        compiled = torch.compile(module if runtime.distributed else _EndpointsForward(model))
+    module, compiled = _runner(model, runtime, config)
     module.train()
     stop.install()
     try:
@@ -451,9 +523,25 @@ def _train(config: TrainConfig, runtime: Runtime) -> TrainResult:
                 micro = [batch for batch in micro if len(batch)]
                 if not micro:
                     continue
+                if head_phase and step >= head_steps:
+                    # Phase 2 of --head_epochs: the whole net (as configured), a fresh optimizer.
+                    head_phase = False
+                    trainable, multipliers = _phase_trainable(model, config, rates, head_phase=False)
+                    trainable_count = apply_trainable_scopes(model, trainable, config.freeze_batch_norm)
+                    groups = decay_groups(model, config.weight_decay, multipliers)
+                    optimizer = build_optimizer(config.optimizer, groups, config.learning_rate, config)
+                    group_multipliers = [group.get("lr_multiplier", 1.0) for group in groups]
+                    trainable_parameters = [p for p in model.parameters() if p.requires_grad]
+                    if averages is not None:
+                        averages.track_new(model)  # the body's averages start from its weights now
+                    module, compiled = _runner(model, runtime, config)
+                    checked_unused = False
+                    module.train()
+                    _say(f"Head phase done at step {step}: {trainable_count:,}/{total_count:,} parameters train "
+                         f"from now on", runtime)
                 rate = rate_at(step)
-                for group in optimizer.param_groups:
-                    group["lr"] = rate
+                for group, multiplier in zip(optimizer.param_groups, group_multipliers, strict=True):
+                    group["lr"] = rate * multiplier
                 if hasattr(model, "set_training_step"):
                     model.set_training_step(step)  # NASNet's drop path grows with training progress
                 optimizer.zero_grad(set_to_none=True)
