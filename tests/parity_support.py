@@ -93,3 +93,31 @@ def slim_to_torch_name_and_shape(name: str, shape) -> tuple[str, tuple[int, ...]
     if len(shape) == 2:               # dense [in, out] -> [out, in]
         return key, (shape[1], shape[0])
     return key, tuple(shape)
+
+
+def check_headless_matches_pooled_end_point(config: str, pooled_end_point: str) -> None:
+    """num_classes=0 against a golden: no Logits variables; model(x) is slim's pooled map
+    `pooled_end_point` ([N, 1, 1, C] in TF) as [N, C], and the end points are slim's but the last two."""
+    import numpy as np
+
+    from slimtune.checkpoint.restore import restore
+    from slimtune.nets import create_model
+
+    reference = golden(config)
+    model = create_model(reference.model_name, num_classes=0, **net_kwargs(reference)).eval()
+    trunk = {name: value for name, value in seeded_slim_weights(reference.variables, reference.seed).items()
+             if "/Logits/" not in name}
+    assert len(trunk) == len(reference.variables) - 2   # the classifier's weights and biases
+    assert set(model.state_dict()) == {slim_to_torch_name_and_shape(name, value.shape)[0]
+                                       for name, value in trunk.items()}
+    restore(model, trunk)
+    images = nchw(reference)
+    with torch.no_grad():
+        features, end_points = model.forward_endpoints(images)
+        assert torch.equal(model(images), features)
+    pooled = reference.end_points[pooled_end_point]
+    assert features.shape == (reference.batch, model.num_features)
+    assert pooled.shape == (reference.batch, 1, 1, model.num_features)
+    assert list(end_points) == list(reference.end_points)[:-2]   # everything but Logits, Predictions
+    error = np.abs(features.numpy() - pooled.full.reshape(features.shape)).max()
+    assert error <= 1e-4 * pooled.max_abs

@@ -19,7 +19,7 @@ from slimtune.nets import create_model, get_model_spec
 from slimtune.nets.mobilenet_common import make_divisible
 from slimtune.testing import assert_matches_golden, seeded_slim_weights
 
-from parity_support import GOLDEN_DIR, FamilyCheckpoints, sgd_losses, slim_to_torch_name_and_shape
+from parity_support import GOLDEN_DIR, FamilyCheckpoints, check_headless_matches_pooled_end_point, sgd_losses
 from parity_support import golden as _golden
 from parity_support import nchw as _nchw
 from parity_support import net_kwargs as _net_kwargs
@@ -114,23 +114,8 @@ def test_tf_written_checkpoint_reproduces_tf():
 @pytest.mark.parametrize("config", ["mobilenet_v1_025", "mobilenet_v2_035"])
 def test_headless_returns_slims_pooled_features(config):
     """num_classes=0: no Logits variables; model(x) is slim's pooled map [N, C, 1, 1] as [N, C]."""
-    golden = _golden(config)
-    model = create_model(golden.model_name, num_classes=0, **_net_kwargs(golden)).eval()
-    trunk = {name: value for name, value in seeded_slim_weights(golden.variables, golden.seed).items()
-             if "/Logits/" not in name}
-    assert len(trunk) == len(golden.variables) - 2   # the classifier's weights and biases
-    assert set(model.state_dict()) == {slim_to_torch_name_and_shape(name, value.shape)[0] for name, value in trunk.items()}
-    restore(model, trunk)
-    images = _nchw(golden)
-    with torch.no_grad():
-        features, end_points = model.forward_endpoints(images)
-        assert torch.equal(model(images), features)
-    pooled = golden.end_points[HEADLESS_END_POINT[model.scope]]
-    assert features.shape == (golden.batch, model.num_features)
-    assert pooled.shape == (golden.batch, 1, 1, model.num_features)
-    assert list(end_points) == list(golden.end_points)[:-2]   # everything but Logits, Predictions
-    error = np.abs(features.numpy() - pooled.full.reshape(features.shape)).max()
-    assert error <= 1e-4 * pooled.max_abs
+    scope = "MobilenetV1" if config.startswith("mobilenet_v1") else "MobilenetV2"
+    check_headless_matches_pooled_end_point(config, HEADLESS_END_POINT[scope])
 
 
 @pytest.mark.parametrize("config", ["mobilenet_v1_025", "mobilenet_v2_035"])
