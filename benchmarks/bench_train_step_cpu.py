@@ -21,13 +21,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
+
+# The CPU benchmarks of this directory name the machine the same way.
+from bench_nets_cpu import cpu_model
 
 REPO = Path(__file__).resolve().parent.parent
 SETTINGS = {"lenet": {"batch": 32, "image_size": 28}, "resnet_v1_50": {"batch": 8, "image_size": 224}}
@@ -126,16 +128,6 @@ def run_worker(args: argparse.Namespace, net: str, compile_: bool) -> list[dict]
         print(f"{net} compile={compile_} failed:\n{completed.stderr[-2000:]}", file=sys.stderr)
         return []
     return json.loads(lines[-1])
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def cpu_flags() -> list[str]:

@@ -361,8 +361,6 @@ def _train(config: TrainConfig, runtime: Runtime) -> TrainResult:
         model.to(memory_format=torch.channels_last)
     if config.sync_batch_norm and runtime.distributed:
         _enable_sync_batch_norm(model, runtime)
-    module: nn.Module = model
-    compiled = None
 
     # Input pipeline.
     image_size = config.train_image_size or spec.default_image_size
