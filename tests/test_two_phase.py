@@ -160,3 +160,29 @@ def test_batch_norm_statistics_stay_put_in_the_head_phase_and_move_after_it(tmp_
     assert statistics and all(torch.equal(after_heads[k], fresh[k]) for k in statistics)
     final = _weights(result.checkpoint)
     assert all(not torch.equal(final[k], fresh[k]) for k in statistics)  # phase 2 unfroze every BatchNorm
+
+
+THIN_AUX_NET = '''
+from slimtune.nets.inception import InceptionV3
+
+
+def thin_v3(num_classes, **kwargs):
+    return InceptionV3(num_classes, depth_multiplier=0.1, min_depth=8, image_size=107)
+
+thin_v3.default_image_size = 107
+thin_v3.preprocessing = "inception"
+'''
+
+
+def test_a_weightless_aux_head_stays_frozen_after_the_head_phase(tmp_path, cats_vs_dogs):
+    # --aux_loss_weight 0 freezes the aux head (no loss reaches it: DDP would wait for its gradients);
+    # the switch to the whole net must not make it trainable again.
+    net = tmp_path / "net.py"
+    net.write_text(THIN_AUX_NET)
+    result = train(TrainConfig(model_name=f"{net}:thin_v3", dataset_dir=str(cats_vs_dogs), train_dir=str(tmp_path / "r"),
+                               batch_size=4, head_epochs=1, max_number_of_steps=1, aux_loss_weight=0.0,
+                               num_workers=0, optimizer="sgd", save_summaries_secs=1e9))
+    assert result.step == 4    # 3 head steps (12 images in batches of 4), then 1 of the whole net
+    trainable = ckpt.load_state(ckpt.latest_checkpoint(tmp_path / "r"))["trainable"]
+    assert any(name.startswith("InceptionV3.Mixed_7c") for name in trainable)   # the body trains now
+    assert not [name for name in trainable if "AuxLogits" in name]

@@ -176,6 +176,17 @@ def _steps(config: TrainConfig, num_samples: int, runtime: Runtime,
     return batches_per_epoch, steps_per_epoch, total
 
 
+def _apply_trainable(model: nn.Module, trainable: Optional[set[str]], config: TrainConfig) -> tuple[int, int]:
+    """Freeze all but `trainable` (apply_trainable_scopes), then an aux head no loss reaches
+    (--aux_loss_weight 0: DDP must not wait for its gradients), at the start and at the --head_epochs
+    switch alike; returns (trainable parameter count, aux-head tensors frozen)."""
+    trainable_count = apply_trainable_scopes(model, trainable, config.freeze_batch_norm)
+    frozen_aux = freeze_aux_head(model) if not config.aux_loss_weight else 0
+    if frozen_aux:
+        trainable_count = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable_count, frozen_aux
+
+
 def _head_steps(config: TrainConfig, steps_per_epoch: float) -> int:
     """Optimizer steps of the --head_epochs phase (0 without it)."""
     return math.ceil(config.head_epochs * steps_per_epoch) if config.head_epochs else 0
@@ -330,12 +341,9 @@ def _train(config: TrainConfig, runtime: Runtime) -> TrainResult:
             with open(train_dir / RESTORE_PLAN_FILENAME, "a", encoding="utf-8") as handle:
                 handle.write("\n" + rates.format() + "\n")
     trainable, multipliers = _phase_trainable(model, config, rates, head_phase)
-    trainable_count = apply_trainable_scopes(model, trainable, config.freeze_batch_norm)
-    if not config.aux_loss_weight:
-        frozen_aux = freeze_aux_head(model)  # no loss reaches it: DDP must not wait for its gradients
-        if frozen_aux:
-            trainable_count = sum(p.numel() for p in model.parameters() if p.requires_grad)
-            _say(f"--aux_loss_weight 0: the auxiliary head's {frozen_aux} tensors are frozen", runtime)
+    trainable_count, frozen_aux = _apply_trainable(model, trainable, config)
+    if frozen_aux:
+        _say(f"--aux_loss_weight 0: the auxiliary head's {frozen_aux} tensors are frozen", runtime)
     total_count = sum(p.numel() for p in model.parameters())
     if config.dry_run:
         from .dry_run import finish_dry_run
@@ -525,7 +533,7 @@ def _train(config: TrainConfig, runtime: Runtime) -> TrainResult:
                     # Phase 2 of --head_epochs: the whole net (as configured), a fresh optimizer.
                     head_phase = False
                     trainable, multipliers = _phase_trainable(model, config, rates, head_phase=False)
-                    trainable_count = apply_trainable_scopes(model, trainable, config.freeze_batch_norm)
+                    trainable_count, _ = _apply_trainable(model, trainable, config)
                     groups = decay_groups(model, config.weight_decay, multipliers)
                     optimizer = build_optimizer(config.optimizer, groups, config.learning_rate, config)
                     group_multipliers = [group.get("lr_multiplier", 1.0) for group in groups]
