@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from ..errors import ConfigError
 from .base import SlimNet, pooled_features
 from .layers import (Activation, Conv2d, DepthwiseConv2d, NormFactory, check_keep_prob, dropout_module,
-                     truncated_normal_)
+                     fused_conv2d, fused_inference_applies, register_fused_activation, truncated_normal_)
 
 
 class _ReLU6InPlace(torch.autograd.Function):
@@ -58,6 +58,9 @@ def relu6_(x: Tensor) -> Tensor:
     if x.requires_grad and torch.is_grad_enabled():
         return _ReLU6InPlace.apply(x)
     return x.clamp_(0.0, 6.0)
+
+
+register_fused_activation(relu6_, "hardtanh", (0.0, 6.0))
 
 
 def make_divisible(value: float, divisor: int, min_value: Optional[int] = None) -> int:
@@ -136,6 +139,10 @@ class SeparableConv2d(Conv2d):
         fold = self._folds_batch_norm()
         if fold:
             pointwise, bias = self._folded(pointwise, bias)
+        if (fold or self.BatchNorm is None) and fused_inference_applies(x, pointwise):
+            fused = fused_conv2d(x, pointwise, bias, (1, 1), (0, 0), (1, 1), 1, self.activation)
+            if fused is not None:
+                return fused
         x = F.conv2d(x, pointwise, bias)
         if self.BatchNorm is not None and not fold:
             x = self.BatchNorm(x)
