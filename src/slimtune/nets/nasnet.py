@@ -40,7 +40,8 @@ from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from ..errors import ConfigError
 from .base import SlimNet
-from .layers import AvgPool2d, BatchNorm, Conv2d, Linear, MaxPool2d, same_padding, truncated_normal_
+from .layers import (AvgPool2d, BatchNorm, Conv2d, Linear, MaxPool2d, can_fold_batch_norm, fold_batch_norm,
+                     fused_conv2d, fused_inference_applies, pad2d, same_padding, truncated_normal_)
 from .registry import register_model
 
 
@@ -158,17 +159,42 @@ class SeparableConv2d(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Depthwise (TF 'SAME' padding, stride), then pointwise."""
+        return F.conv2d(self._depthwise(x), self.pointwise_weight)
+
+    def _depthwise(self, x: Tensor) -> Tensor:
         top, bottom = same_padding(x.shape[-2], self.kernel_size, self.stride)
         left, right = same_padding(x.shape[-1], self.kernel_size, self.stride)
         if top == bottom and left == right:
             padding: tuple[int, int] = (top, left)
         else:
-            x, padding = F.pad(x, (left, right, top, bottom)), (0, 0)
-        x = F.conv2d(x, self.depthwise_weight, None, self.stride, padding, 1, self.in_channels)
-        return F.conv2d(x, self.pointwise_weight)
+            x, padding = pad2d(x, (left, right, top, bottom)), (0, 0)
+        return F.conv2d(x, self.depthwise_weight, None, self.stride, padding, 1, self.in_channels)
+
+    def folded_forward(self, x: Tensor, norm: BatchNorm, activation: Any = None) -> Tensor:
+        """activation(norm(self(x))) at inference, `norm`'s moving statistics folded into the pointwise
+        kernel (the BN is a separate slim scope, so the layer itself cannot own it)."""
+        x = self._depthwise(x)
+        pointwise, bias = fold_batch_norm(self.pointwise_weight, None, norm)
+        if fused_inference_applies(x, pointwise):
+            fused = fused_conv2d(x, pointwise, bias, (1, 1), (0, 0), (1, 1), 1, activation)
+            if fused is not None:
+                return fused
+        x = F.conv2d(x, pointwise, bias)
+        return activation(x) if activation is not None else x
 
     def extra_repr(self) -> str:
         return f"{self.in_channels}, {self.out_channels}, kernel={self.kernel_size}, stride={self.stride}"
+
+
+def _conv_bn(conv: nn.Module, norm: nn.Module, x: Tensor) -> Tensor:
+    """norm(conv(x)) for NASNet's separately scoped conv + BN pairs; at inference the moving
+    statistics go into the conv's kernel, saving a pass over the output."""
+    if not can_fold_batch_norm(norm):
+        return norm(conv(x))
+    if isinstance(conv, SeparableConv2d):
+        return conv.folded_forward(x, norm)
+    kernel, bias = fold_batch_norm(conv.weight, conv.bias, norm)
+    return conv.convolve(x, kernel, bias, normalize=False)
 
 
 def _factorized_reduction_modules(owner: nn.Module, in_channels: int, out_channels: int, stride: int,
@@ -187,12 +213,21 @@ def _factorized_reduction_modules(owner: nn.Module, in_channels: int, out_channe
 def _factorized_reduction(owner: nn.Module, x: Tensor, stride: int) -> Tensor:
     """slim's factorized_reduction: two 1x1/2 paths, the second shifted by one pixel, concatenated."""
     if stride == 1:
-        return owner.path_bn(owner.path_conv(x))
-    path1 = owner.path1_conv(x[:, :, ::2, ::2])
-    # Pad bottom/right, drop the first row and column: the odd pixels, with a zero at an odd end.
-    shifted = F.pad(x, (0, 1, 0, 1))[:, :, 1:, 1:]
-    path2 = owner.path2_conv(shifted[:, :, ::2, ::2])
-    return owner.final_path_bn(torch.cat([path1, path2], dim=1))
+        return _conv_bn(owner.path_conv, owner.path_bn, x)
+    even = x[:, :, ::2, ::2]
+    if x.shape[-2] % 2 == 0 and x.shape[-1] % 2 == 0:
+        odd = x[:, :, 1::2, 1::2]
+    else:
+        # Pad bottom/right, drop the first row and column: the odd pixels, with a zero at an odd end.
+        odd = pad2d(x, (0, 1, 0, 1))[:, :, 1::2, 1::2]
+    norm = owner.final_path_bn
+    if not can_fold_batch_norm(norm):
+        return norm(torch.cat([owner.path1_conv(even), owner.path2_conv(odd)], dim=1))
+    # Inference: the BN over the concatenation folded into the two convs, each taking its channels.
+    kernel, bias = fold_batch_norm(torch.cat([owner.path1_conv.weight, owner.path2_conv.weight]), None, norm)
+    split = owner.path1_conv.out_channels
+    return torch.cat([owner.path1_conv.convolve(even, kernel[:split], bias[:split], normalize=False),
+                      owner.path2_conv.convolve(odd, kernel[split:], bias[split:], normalize=False)], dim=1)
 
 
 def _parse_separable(operation: str) -> tuple[int, int]:
@@ -238,29 +273,50 @@ class Operation(nn.Module):
             self.add_module("1x1", _conv(in_channels, filter_size, 1, stride if operation == "none" else 1))
             self.bn_1 = norm(filter_size)
 
-    def forward(self, x: Tensor, keep_prob: float) -> Tensor:
-        """Apply the operation, then drop path (every operation but 'none')."""
-        bounded = self.bounded
+    @property
+    def reads_activated_input(self) -> bool:
+        """True when the operation starts with the cell's activation (relu, or relu6 when bounded)."""
         if self.operation.startswith("separable"):
-            for conv, bn in self._layer_names:
-                x = self._modules[bn](self._modules[conv](_activation(x, bounded)))
+            return True
+        if self.operation == "none":
+            return self.bounded or self.projects
+        return self.bounded
+
+    def forward(self, x: Tensor, keep_prob: float, activated: Optional[Tensor] = None) -> Tensor:
+        """Apply the operation, then drop path (every operation but 'none').
+
+        `activated` is `_activation(x)` when the cell already has it: several operations of a cell
+        read the same hidden state, and slim's graph optimizer computes its ReLU once as well.
+        """
+        bounded = self.bounded
+        if self.reads_activated_input:
+            x = activated if activated is not None else _activation(x, bounded)
+        if self.operation.startswith("separable"):
+            last = len(self._layer_names) - 1
+            is_activated = True
+            for layer, (conv, bn) in enumerate(self._layer_names):
+                conv_module, norm = self._modules[conv], self._modules[bn]
+                if not is_activated:
+                    x = _activation(x, bounded)
+                if can_fold_batch_norm(norm):
+                    # At inference the next layer's activation runs inside this layer's pointwise conv.
+                    next_activation = None if layer == last else (F.relu6 if bounded else F.relu)
+                    x = conv_module.folded_forward(x, norm, next_activation)
+                    is_activated = next_activation is not None
+                else:
+                    x = norm(conv_module(x))
+                    is_activated = False
             if bounded:
                 x = x.clamp(-CLIP_BY_VALUE_CAP, CLIP_BY_VALUE_CAP)
         elif self.operation == "none":
-            if bounded:
-                x = F.relu6(x)
             if self.projects:
-                if not bounded:
-                    x = F.relu(x)
-                x = self.bn_1(self._modules["1x1"](x))
+                x = _conv_bn(self._modules["1x1"], self.bn_1, x)
                 if bounded:
                     x = x.clamp(-CLIP_BY_VALUE_CAP, CLIP_BY_VALUE_CAP)
         else:
-            if bounded:
-                x = F.relu6(x)
             x = self.pool(x)
             if self.projects:
-                x = self.bn_1(self._modules["1x1"](x))
+                x = _conv_bn(self._modules["1x1"], self.bn_1, x)
             if bounded:
                 x = x.clamp(-CLIP_BY_VALUE_CAP, CLIP_BY_VALUE_CAP)
         if self.operation != "none" and self.training:
@@ -347,13 +403,24 @@ class Cell(nn.Module):
                 raise ConfigError(f"NASNet: the input is too small (a {net.shape[-1]}-pixel map no longer halves)")
             prev = _factorized_reduction(self, _activation(prev, bounded), 2)
         elif self.prev_mode == "project":
-            prev = self.prev_bn(self._modules["prev_1x1"](_activation(prev, bounded)))
-        hidden = [self.beginning_bn(self._modules["1x1"](_activation(net, bounded))), prev]
+            prev = _conv_bn(self._modules["prev_1x1"], self.prev_bn, _activation(prev, bounded))
+        activated_net = _activation(net, bounded)
+        hidden = [_conv_bn(self._modules["1x1"], self.beginning_bn, activated_net), prev]
+        # Hidden state index -> its activation, computed once however many operations read it.
+        activated: dict[int, Tensor] = {1: activated_net} if prev is net else {}
+
+        def run(operation: Operation, index: int) -> Tensor:
+            if not operation.reads_activated_input:
+                return operation(hidden[index], keep_prob)
+            if index not in activated:
+                activated[index] = _activation(hidden[index], bounded)
+            return operation(hidden[index], keep_prob, activated[index])
+
         indices = self.spec.hiddenstate_indices
         for iteration in range(5):
             block = self._modules[f"comb_iter_{iteration}"]
-            left = block.left(hidden[indices[2 * iteration]], keep_prob)
-            right = block.right(hidden[indices[2 * iteration + 1]], keep_prob)
+            left = run(block.left, indices[2 * iteration])
+            right = run(block.right, indices[2 * iteration + 1])
             combined = left + right
             if bounded:
                 combined = F.relu6(combined)
