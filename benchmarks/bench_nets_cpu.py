@@ -19,8 +19,13 @@ side times an input pipeline. Both get the same thread count (torch.set_num_thre
 intra_op_parallelism_threads, inter_op_parallelism_threads=1 unless --tf_inter_op says otherwise)
 and the same allocator setting: glibc told to reuse freed blocks, as the slimtune CLI does
 (slimtune/malloc.py; TF gains from it too), or left as it is for both with --system_malloc.
-Each worker runs warm-up steps, then timed steps (at least --min_steps and --min_seconds); the
-reported figure is batch / median step time. With --rounds > 1 the whole set repeats and the
+By default the two frameworks' workers for a net and mode run at the same time and step in
+alternation (lockstep: the driver asks one, then the other, for one step, with a short idle gap),
+so that drift of a shared cloud machine's speed over minutes (measured here: one convolution took
+55 ms or 95 ms depending on the minute) slows both alike; the ratio reported is the median over
+step pairs of TF-Slim's step time / slimtune's. --sequential times each framework in its own run
+instead (warm-up steps, then timed steps: at least --min_steps and --min_seconds). The img/s
+figures are batch / median step time either way. With --rounds > 1 the whole set repeats and the
 median over rounds is reported. The markdown table (machine, load average, versions) is printed
 and written to --out.
 
@@ -76,6 +81,26 @@ def time_steps(step: Any, warmup: int, min_steps: int, min_seconds: float) -> li
         begin = time.perf_counter()
         step()
         times.append(time.perf_counter() - begin)
+    return times
+
+
+def measure(step: Any, args: argparse.Namespace) -> list[float]:
+    """Time `step` on its own (time_steps), or, with --serve, in lockstep with the other framework:
+    after the warm-up, print a ready line, then run one step per 'step' line the driver writes and
+    report its time, until 'quit'. Returns the step times either way."""
+    if not args.serve:
+        return time_steps(step, args.warmup, args.min_steps, args.min_seconds)
+    for _ in range(args.warmup):
+        step()
+    print(json.dumps({"ready": True}), flush=True)
+    times: list[float] = []
+    for line in sys.stdin:
+        if line.strip() != "step":
+            break
+        begin = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - begin)
+        print(json.dumps({"step_s": times[-1]}), flush=True)
     return times
 
 
@@ -136,7 +161,7 @@ def torch_worker(args: argparse.Namespace) -> dict[str, Any]:
             loss.backward()
             optimizer.step()
 
-    times = time_steps(step, args.warmup, args.min_steps, args.min_seconds)
+    times = measure(step, args)
     return summarize(times, args.batch, {"framework": "slimtune", "torch": torch.__version__,
                                          "memory_format": args.memory_format, "compile": args.compile,
                                          "mkldnn": torch.backends.mkldnn.enabled,
@@ -201,7 +226,7 @@ def tf_worker(args: argparse.Namespace) -> dict[str, Any]:
                             inter_op_parallelism_threads=args.tf_inter_op)
     with tf.Session(graph=graph, config=config) as sess:
         sess.run(init)
-        times = time_steps(lambda: sess.run(target), args.warmup, args.min_steps, args.min_seconds)
+        times = measure(lambda: sess.run(target), args)
     return summarize(times, args.batch, {"framework": "tf-slim", **env.versions,
                                          "onednn_opts": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "default (on)"),
                                          "threads": args.threads, "inter_op": args.tf_inter_op,
@@ -243,25 +268,98 @@ def cpu_model() -> str:
 
 def run_worker(python: str, framework: str, net: str, mode: str, batch: int, args: argparse.Namespace) -> dict:
     """Run one measurement in a fresh interpreter and parse its JSON line."""
-    command = [python, str(Path(__file__).resolve()), "--worker", framework, "--net", net, "--mode", mode,
-               "--batch", str(batch), "--image_size", str(NET_IMAGE_SIZE.get(net, args.image_size)), "--threads", str(args.threads),
-               "--warmup", str(args.warmup), "--min_steps", str(args.min_steps),
-               "--min_seconds", str(args.min_seconds), "--slim_src", args.slim_src,
-               "--slim_src_v3", args.slim_src_v3,
-               "--tf_inter_op", str(args.tf_inter_op), "--memory_format", args.memory_format]
-    if args.compile:
-        command.append("--compile")
-    if args.no_mkldnn:
-        command.append("--no_mkldnn")
-    if args.system_malloc:
-        command.append("--system_malloc")
-    environment = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TF_CPP_MIN_LOG_LEVEL="2")
-    completed = subprocess.run(command, capture_output=True, text=True, env=environment, cwd=REPO)
+    command = worker_command(python, framework, net, mode, batch, args)
+    completed = subprocess.run(command, capture_output=True, text=True, env=worker_environment(args), cwd=REPO)
     lines = [line for line in completed.stdout.splitlines() if line.startswith("{")]
     if completed.returncode != 0 or not lines:
         raise RuntimeError(f"{framework} {net} {mode} failed (exit {completed.returncode}):\n"
                            f"{completed.stderr[-3000:]}")
     return json.loads(lines[-1])
+
+
+def worker_command(python: str, framework: str, net: str, mode: str, batch: int, args: argparse.Namespace) -> list[str]:
+    """The command line of one measurement worker."""
+    command = [python, str(Path(__file__).resolve()), "--worker", framework, "--net", net, "--mode", mode,
+               "--batch", str(batch), "--image_size", str(NET_IMAGE_SIZE.get(net, args.image_size)),
+               "--threads", str(args.threads), "--warmup", str(args.warmup), "--min_steps", str(args.min_steps),
+               "--min_seconds", str(args.min_seconds), "--slim_src", args.slim_src,
+               "--slim_src_v3", args.slim_src_v3,
+               "--tf_inter_op", str(args.tf_inter_op), "--memory_format", args.memory_format]
+    for flag in ("compile", "no_mkldnn", "system_malloc"):
+        if getattr(args, flag):
+            command.append(f"--{flag}")
+    return command
+
+
+def worker_environment(args: argparse.Namespace) -> dict[str, str]:
+    """Both frameworks' thread count, TF's log level quiet."""
+    return dict(os.environ, OMP_NUM_THREADS=str(args.threads), TF_CPP_MIN_LOG_LEVEL="2")
+
+
+class LockstepWorker:
+    """A measurement worker started with --serve: it warms up, then runs one step per request."""
+
+    def __init__(self, framework: str, command: list[str], environment: dict[str, str]) -> None:
+        import tempfile
+
+        self.framework = framework
+        self.stderr = tempfile.TemporaryFile(mode="w+")
+        self.process = subprocess.Popen(command + ["--serve"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        stderr=self.stderr, text=True, env=environment, cwd=REPO)
+
+    def _json_line(self) -> dict:
+        for line in self.process.stdout:
+            if line.startswith("{"):
+                return json.loads(line)
+        self.stderr.seek(0)
+        raise RuntimeError(f"{self.framework} worker stopped (exit {self.process.wait()}):\n"
+                           f"{self.stderr.read()[-3000:]}")
+
+    def wait_ready(self) -> None:
+        """Block until the worker has built the net and run its warm-up steps."""
+        self._json_line()
+
+    def step(self) -> float:
+        """Run one step in the worker; its duration in seconds."""
+        self.process.stdin.write("step\n")
+        self.process.stdin.flush()
+        return self._json_line()["step_s"]
+
+    def finish(self) -> dict:
+        """Stop the worker and return its summary record."""
+        self.process.stdin.write("quit\n")
+        self.process.stdin.flush()
+        record = self._json_line()
+        self.process.wait()
+        return record
+
+
+def run_lockstep(net: str, mode: str, batch: int, args: argparse.Namespace) -> dict[str, dict]:
+    """Both frameworks' workers alive at once, stepping in alternation (the first of each pair
+    alternating too), so that a machine whose speed drifts over minutes (shared cloud cores) slows
+    both alike. Records per framework, plus the median over pairs of the per-pair speed ratio."""
+    workers = {framework: LockstepWorker(framework, worker_command(
+        sys.executable if framework == "slimtune" else args.tf_python, framework, net, mode, batch, args),
+        worker_environment(args)) for framework in ("slimtune", "tf-slim")}
+    try:
+        for worker in workers.values():
+            worker.wait_ready()
+        pairs: list[dict[str, float]] = []
+        started = time.perf_counter()
+        while len(pairs) < args.min_steps or time.perf_counter() - started < 2 * args.min_seconds:
+            order = ("slimtune", "tf-slim") if len(pairs) % 2 == 0 else ("tf-slim", "slimtune")
+            pair = {}
+            for framework in order:
+                time.sleep(args.lockstep_gap)  # let the other side's idle threads stop spinning
+                pair[framework] = workers[framework].step()
+            pairs.append(pair)
+        records = {framework: worker.finish() for framework, worker in workers.items()}
+    finally:
+        for worker in workers.values():
+            if worker.process.poll() is None:
+                worker.process.kill()
+    records["slimtune"]["paired_ratio"] = statistics.median(p["tf-slim"] / p["slimtune"] for p in pairs)
+    return records
 
 
 def ratio(numerator: Optional[float], denominator: Optional[float]) -> Optional[float]:
@@ -293,13 +391,16 @@ def render(results: dict, args: argparse.Namespace, machine: dict[str, Any]) -> 
              f"- input {args.image_size}x{args.image_size}x3 float32, constant in memory; train step = forward + "
              f"softmax CE + backward + momentum {MOMENTUM} SGD, weight decay {WEIGHT_DECAY} on kernels",
              f"- {args.warmup} warm-up steps, then >= {args.min_steps} steps and >= {args.min_seconds:.0f} s; "
-             f"median step; {args.rounds} round(s)", "",
+             f"median step; {args.rounds} round(s); "
+             + ("frameworks one after the other, ratio of the median img/s" if args.sequential else
+                "both frameworks' workers alive and stepping in alternation (lockstep), ratio = median over "
+                "step pairs of TF-Slim step time / slimtune step time"), "",
              "| net | batch | slimtune fwd img/s | TF-Slim fwd img/s | fwd ratio | slimtune train img/s "
              "| TF-Slim train img/s | train ratio | train >= 1.25x? |",
              "|---|---:|---:|---:|---:|---:|---:|---:|:---:|"]
     for net, entry in results.items():
-        fwd = ratio(entry.get("slimtune/forward"), entry.get("tf-slim/forward"))
-        train = ratio(entry.get("slimtune/train"), entry.get("tf-slim/train"))
+        fwd = entry.get("paired/forward") or ratio(entry.get("slimtune/forward"), entry.get("tf-slim/forward"))
+        train = entry.get("paired/train") or ratio(entry.get("slimtune/train"), entry.get("tf-slim/train"))
         verdict = "-" if train is None else ("yes" if train >= TARGET_TRAIN_RATIO else "no")
         lines.append(f"| {net} | {entry['batch']} | {fmt(entry.get('slimtune/forward'))} | "
                      f"{fmt(entry.get('tf-slim/forward'))} | {fmt(fwd, 2, 'x')} | {fmt(entry.get('slimtune/train'))} | "
@@ -326,21 +427,31 @@ def drive(args: argparse.Namespace) -> None:
     for net in nets:
         batch = args.vgg_batch_size if net.startswith("vgg") else args.batch_size
         per_key: dict[str, list[dict]] = {}
+        lockstep = not args.sequential and set(frameworks) == {"slimtune", "tf-slim"}
         for _ in range(args.rounds):
             for mode in modes:
-                for framework in frameworks:
-                    python = sys.executable if framework == "slimtune" else args.tf_python
-                    record = run_worker(python, framework, net, mode, batch, args)
+                if lockstep:
+                    measured = run_lockstep(net, mode, batch, args)
+                else:
+                    measured = {framework: run_worker(sys.executable if framework == "slimtune" else args.tf_python,
+                                                      framework, net, mode, batch, args)
+                                for framework in frameworks}
+                for framework, record in measured.items():
                     per_key.setdefault(f"{framework}/{mode}", []).append(record)
                     for field in ("torch", "tensorflow", "tf_slim", "slim_src_revision", "onednn_opts"):
                         if field in record:
                             machine[field] = record[field]
                     print(f"{net:14s} {framework:8s} {mode:7s} {record['images_per_sec']:8.2f} img/s "
                           f"(median step {record['median_step_s']:.3f} s, {record['steps']} steps, "
-                          f"load {load_average():.2f})", flush=True)
+                          f"load {load_average():.2f})"
+                          + (f", paired ratio {record['paired_ratio']:.3f}x" if "paired_ratio" in record else ""),
+                          flush=True)
         entry: dict[str, Any] = {"batch": batch, "records": {}}
         for key, records in per_key.items():
             entry[key] = statistics.median(r["images_per_sec"] for r in records)
+            paired = [r["paired_ratio"] for r in records if "paired_ratio" in r]
+            if paired:
+                entry[key.replace("slimtune/", "paired/")] = statistics.median(paired)
             steps = [r["median_step_s"] for r in records]
             entry["records"][key] = {"median_step_s": statistics.median(steps),
                                      "min_step_s": min(r["min_step_s"] for r in records),
@@ -379,6 +490,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--min_steps", type=int, default=8)
     parser.add_argument("--min_seconds", type=float, default=20.0)
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--sequential", action="store_true",
+                        help="time each framework in its own run, one after the other (default: lockstep)")
+    parser.add_argument("--lockstep_gap", type=float, default=0.2,
+                        help="seconds of idle before each lockstep step (lets spinning pool threads sleep)")
     parser.add_argument("--memory_format", choices=("channels_last", "nchw"), default="channels_last",
                         help="slimtune's memory format (its trainer's default is channels_last)")
     parser.add_argument("--compile", action="store_true", help="run slimtune under torch.compile")
@@ -395,6 +510,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--net", help=argparse.SUPPRESS)
     parser.add_argument("--mode", choices=("forward", "train"), help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 

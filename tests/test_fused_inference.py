@@ -4,7 +4,6 @@ shown to be taken (counted), so that losing it fails here rather than only in a 
 
 from __future__ import annotations
 
-import functools
 
 import pytest
 import torch
