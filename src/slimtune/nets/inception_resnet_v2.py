@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from ..errors import ConfigError
 from .inception import (_ACTIVATIONS, Activation, HeadSpec, InceptionNet, LayerSpec, MixedBlock, NormFactory,
                         _accepts, _stem, avg_pool, conv, inception_batch_norm, max_pool, relu_, spatial_size)
-from .layers import Conv2d, fused_conv2d, fused_inference_applies
+from .layers import Conv2d
 from .registry import register_model
 
 __all__ = ["Block35", "Block17", "Block8", "ResidualInceptionBlock", "RepeatStack", "InceptionResNetV2",
@@ -77,13 +77,6 @@ class ResidualInceptionBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """x + scale * Conv2d_1x1(concat(branches)), then the activation."""
         mixed = torch.cat([self._modules[name](x) for name in self._modules if name.startswith("Branch_")], dim=1)
-        if not self.clip and fused_inference_applies(mixed, self.Conv2d_1x1.weight):
-            # Inference: the scale goes into the 1x1 kernel and bias, and oneDNN adds the input and
-            # applies the activation in the same call (three passes over the block output less).
-            fused = fused_conv2d(mixed, self.Conv2d_1x1.weight * self.scale, self.Conv2d_1x1.bias * self.scale,
-                                 (1, 1), (0, 0), (1, 1), 1, self.activation, residual=x)
-            if fused is not None:
-                return fused
         up = self.Conv2d_1x1(mixed)
         if self.clip:
             out = x + torch.clamp(up * self.scale, -6.0, 6.0)

@@ -11,8 +11,7 @@ symmetric torch padding; that asymmetry is computed per input size here.
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -60,10 +59,16 @@ def pad2d(x: Tensor, pads: tuple[int, int, int, int], value: float = 0.0) -> Ten
     fraction of a copy's speed (8.5 ms vs 1.4 ms for a 16x32x111x111 map on one core); here only the
     border is filled, and the input copied once into the interior.
     """
-    left, right, top, bottom = pads
     if (x.dim() != 4 or x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last)
             or min(pads) < 0):
         return F.pad(x, pads, value=value)
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _BorderPad.apply(x, pads, value)
+    return _border_pad(x, pads, value)
+
+
+def _border_pad(x: Tensor, pads: tuple[int, int, int, int], value: float) -> Tensor:
+    left, right, top, bottom = pads
     batch, channels, height, width = x.shape
     out = torch.empty((batch, channels, height + top + bottom, width + left + right), dtype=x.dtype,
                       device=x.device, memory_format=torch.channels_last)
@@ -73,6 +78,22 @@ def pad2d(x: Tensor, pads: tuple[int, int, int, int], value: float = 0.0) -> Ten
             border.fill_(value)
     out[:, :, top:top + height, left:left + width].copy_(x)
     return out
+
+
+class _BorderPad(torch.autograd.Function):
+    """pad2d under autograd: the gradient is the interior slice of the output's, as for F.pad (an
+    in-place copy recorded by autograd would hand back a contiguous NCHW gradient instead)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, pads: tuple[int, int, int, int], value: float) -> Tensor:  # type: ignore[override]
+        ctx.pads, ctx.size = pads, x.shape[-2:]
+        return _border_pad(x, pads, value)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+        left, _, top, _ = ctx.pads
+        height, width = ctx.size
+        return grad[:, :, top:top + height, left:left + width], None, None
 
 
 def _torch_pool_output_size(size: int, kernel: int, stride: int, padding: int, ceil_mode: bool) -> int:
@@ -181,84 +202,6 @@ def fold_batch_norm(kernel: Tensor, bias: Optional[Tensor], norm: BatchNorm) -> 
     return kernel * scale.view(-1, *([1] * (kernel.dim() - 1))), shift
 
 
-# ------------------------------------------------------------------------------------------------
-# Inference: convolution, bias (folded BN) and activation in one oneDNN primitive.
-#
-# TF's graph optimizer fuses Conv2D + BiasAdd/FusedBatchNorm + Relu into one oneDNN call
-# (_FusedConv2D); eager torch runs the conv, then a separate pass over the output for the ReLU (2-3%
-# of an Inception forward). torch ships the fused kernel its own compiler uses for CPU inference,
-# mkldnn::_convolution_pointwise; eager slimtune calls it directly when nothing records a graph.
-
-def _conv_pointwise_ops() -> tuple[Any, Any]:
-    """(mkldnn::_convolution_pointwise, its .binary overload), or (None, None) in a build without them."""
-    try:
-        op = torch.ops.mkldnn._convolution_pointwise
-        return op.default, op.binary
-    except (AttributeError, RuntimeError):
-        return None, None
-
-
-_CONV_POINTWISE, _CONV_POINTWISE_BINARY = _conv_pointwise_ops()
-#: Activations oneDNN applies as a post-op: the function -> (oneDNN attr, its scalars).
-FUSED_ACTIVATIONS: dict[Any, tuple[str, list[float]]] = {
-    None: ("none", []), F.relu: ("relu", []), torch.relu: ("relu", []), torch.relu_: ("relu", []),
-    F.relu6: ("hardtanh", [0.0, 6.0]),
-}
-_fused_inference = True
-
-
-def register_fused_activation(function: Callable[[Tensor], Tensor], attr: str, scalars: Sequence[float] = ()) -> None:
-    """Declare that `function` equals oneDNN's `attr` post-op (e.g. a net's own in-place relu6)."""
-    FUSED_ACTIVATIONS[function] = (attr, list(scalars))
-
-
-@contextmanager
-def unfused_inference() -> Iterator[None]:
-    """Run convolutions as plain F.conv2d + activation (export tracers must see standard ops)."""
-    global _fused_inference
-    previous, _fused_inference = _fused_inference, False
-    try:
-        yield
-    finally:
-        _fused_inference = previous
-
-
-def fused_inference_applies(x: Tensor, kernel: Tensor) -> bool:
-    """True when a conv on `x` may run as one fused oneDNN call: eager float32 CPU inference.
-
-    Not under autograd (the fused op has no backward), tracing, compiling or exporting (their graphs
-    must hold standard ops: `type(x) is Tensor` excludes fake and functional tensors), autocast, or
-    with oneDNN disabled.
-    """
-    return (_fused_inference and _CONV_POINTWISE is not None and not torch.is_grad_enabled()
-            and type(x) is Tensor and x.device.type == "cpu" and x.dtype == torch.float32
-            and kernel.dtype == torch.float32 and torch.backends.mkldnn.is_available()
-            and torch.backends.mkldnn.enabled and not torch.jit.is_tracing()
-            and not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cpu"))
-
-
-def fused_conv2d(x: Tensor, kernel: Tensor, bias: Optional[Tensor], stride: tuple[int, int],
-                 padding: tuple[int, int], rate: tuple[int, int], groups: int, activation: Activation,
-                 residual: Optional[Tensor] = None) -> Optional[Tensor]:
-    """activation(conv2d(x) + bias [+ residual]) as one oneDNN primitive, or None when it cannot be.
-
-    Callers check `fused_inference_applies` first; None means the activation has no oneDNN post-op
-    (the caller then runs the plain ops).
-    """
-    post_op = FUSED_ACTIVATIONS.get(activation)
-    if post_op is None:
-        return None
-    attr, scalars = post_op
-    if residual is None:
-        return _CONV_POINTWISE(x, kernel, bias, list(padding), list(stride), list(rate), groups, attr, scalars, "")
-    # The binary form takes ReLU or nothing (None, not "none") after the addition.
-    if (attr not in ("none", "relu") or residual.shape[1] != kernel.shape[0] or residual.dtype != x.dtype
-            or type(residual) is not Tensor):
-        return None
-    return _CONV_POINTWISE_BINARY(x, residual, kernel, bias, list(padding), list(stride), list(rate), groups,
-                                  "add", None, None if attr == "none" else attr, [], "")
-
-
 class Conv2d(nn.Module):
     """slim.conv2d: convolution, then optional BatchNorm (replacing the bias), then activation.
 
@@ -354,26 +297,19 @@ class Conv2d(nn.Module):
             kernel, bias = self._folded(kernel, bias)
         return self.convolve(x, kernel, bias, normalize=not fold)
 
-    def convolve(self, x: Tensor, kernel: Tensor, bias: Optional[Tensor], normalize: bool = True,
-                 activation: Union[Activation, str] = "own") -> Tensor:
-        """This layer's computation with a given kernel and bias: the TF-padded convolution, its
-        BatchNorm when `normalize`, then `activation` ("own": the layer's). At inference the
-        convolution, bias and activation run as one oneDNN call where they can."""
-        activation = self.activation if activation == "own" else activation
+    def convolve(self, x: Tensor, kernel: Tensor, bias: Optional[Tensor], normalize: bool = True) -> Tensor:
+        """This layer's computation with a given kernel and bias (e.g. with a BN folded in): the
+        TF-padded convolution, its BatchNorm when `normalize`, then its activation."""
         normalize = normalize and self.BatchNorm is not None
         if self._covers_whole_input(x):
             x = self._conv_as_linear(x, kernel, bias)
         else:
             x, padding = self._pad(x)
-            if not normalize and fused_inference_applies(x, kernel):
-                fused = fused_conv2d(x, kernel, bias, self.stride, padding, self.rate, self.groups, activation)
-                if fused is not None:
-                    return fused
             x = F.conv2d(x, kernel, bias, self.stride, padding, self.rate, self.groups)
         if normalize:
             x = self.BatchNorm(x)
-        if activation is not None:
-            x = activation(x)
+        if self.activation is not None:
+            x = self.activation(x)
         return x
 
     def extra_repr(self) -> str:
@@ -469,8 +405,34 @@ class AvgPool2d(nn.Module):
         return sums / counts
 
 
+class _SpatialMean(torch.autograd.Function):
+    """x.mean over H and W whose gradient keeps x's memory format.
+
+    Autograd's own gradient of a mean is a stride-0 broadcast; an elementwise backward fed with it
+    and a channels-last tensor (hard-swish's, ReLU's) writes a contiguous NCHW gradient, and the
+    BatchNorm backward that receives it together with its channels-last input takes a slow path
+    plus copies: that was a third of a mobilenet_v3_large training step.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, keepdim: bool) -> Tensor:  # type: ignore[override]
+        ctx.shape, ctx.keepdim = x.shape, keepdim
+        ctx.channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(
+            memory_format=torch.channels_last)
+        return x.mean(dim=(2, 3), keepdim=keepdim)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        batch, channels, height, width = ctx.shape
+        grad = (grad.reshape(batch, channels, 1, 1) / (height * width)).expand(ctx.shape)
+        memory_format = torch.channels_last if ctx.channels_last else torch.contiguous_format
+        return grad.contiguous(memory_format=memory_format), None
+
+
 def reduce_mean_hw(x: Tensor, keepdim: bool = True) -> Tensor:
-    """tf.reduce_mean over height and width (slim's global_pool)."""
+    """tf.reduce_mean over height and width (slim's global_pool); its gradient keeps x's memory format."""
+    if x.dim() == 4 and torch.is_grad_enabled() and x.requires_grad:
+        return _SpatialMean.apply(x, keepdim)
     return x.mean(dim=(2, 3), keepdim=keepdim)
 
 

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from ..errors import ConfigError
 from .base import SlimNet, pooled_features
 from .layers import (Activation, Conv2d, DepthwiseConv2d, NormFactory, check_keep_prob, dropout_module,
-                     fused_conv2d, fused_inference_applies, register_fused_activation, truncated_normal_)
+                     reduce_mean_hw, truncated_normal_)
 
 
 class _ReLU6InPlace(torch.autograd.Function):
@@ -58,9 +58,6 @@ def relu6_(x: Tensor) -> Tensor:
     if x.requires_grad and torch.is_grad_enabled():
         return _ReLU6InPlace.apply(x)
     return x.clamp_(0.0, 6.0)
-
-
-register_fused_activation(relu6_, "hardtanh", (0.0, 6.0))
 
 
 def make_divisible(value: float, divisor: int, min_value: Optional[int] = None) -> int:
@@ -139,10 +136,6 @@ class SeparableConv2d(Conv2d):
         fold = self._folds_batch_norm()
         if fold:
             pointwise, bias = self._folded(pointwise, bias)
-        if (fold or self.BatchNorm is None) and fused_inference_applies(x, pointwise):
-            fused = fused_conv2d(x, pointwise, bias, (1, 1), (0, 0), (1, 1), 1, self.activation)
-            if fused is not None:
-                return fused
         x = F.conv2d(x, pointwise, bias)
         if self.BatchNorm is not None and not fold:
             x = self.BatchNorm(x)
@@ -297,7 +290,7 @@ class ReduceTo1x1(nn.Module):
         """Average-pool to 1x1 (square maps) or by the default window."""
         height, width = x.shape[-2:]
         if height == width:
-            return x.mean(dim=(2, 3), keepdim=True)
+            return reduce_mean_hw(x)
         if min(height, width) < self.default_size:
             raise ConfigError(f"reduce_to_1x1: a non-square {height}x{width} feature map is pooled by slim's "
                               f"default {self.default_size}x{self.default_size} VALID window, which does not "
@@ -481,7 +474,7 @@ class MobileNet(LogitsHead, SlimNet):
                       pre_logits: bool = False) -> Tensor:
         """global_pool, Logits, Predictions; the pooled features [N, C] when headless or pre_logits."""
         # slim's global_pool is an avg_pool over the whole map: [N, C, 1, 1].
-        net = end_points["global_pool"] = features.mean(dim=(2, 3), keepdim=True)
+        net = end_points["global_pool"] = reduce_mean_hw(features)
         if not self.num_classes or pre_logits:
             return pooled_features(net)
         net = self.dropout(net)

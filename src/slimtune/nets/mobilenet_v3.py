@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from .layers import Conv2d, batch_norm_factory, register_fused_activation
+from .layers import Conv2d, batch_norm_factory, reduce_mean_hw
 from .mobilenet_common import (ConvOp, ExpandedConvOp, MobileNet, ReduceTo1x1Op, expand_input_by_factor,
                                make_divisible)
 from .registry import register_model
@@ -61,9 +61,6 @@ HARD_SIGMOID_SCALE = 0.16667
 def relu_(x: Tensor) -> Tensor:
     """tf.nn.relu in place, for fresh conv/BN outputs (ReLU's backward needs only its output)."""
     return torch.relu_(x)
-
-
-register_fused_activation(relu_, "relu")
 
 
 def hard_swish(x: Tensor) -> Tensor:
@@ -94,7 +91,7 @@ class SqueezeExcite(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Gate every channel of x by the excitation of its spatial mean."""
-        gate = self.Conv_1(self.Conv(x.mean(dim=(2, 3), keepdim=True)))
+        gate = self.Conv_1(self.Conv(reduce_mean_hw(x)))
         return x * gate
 
 

@@ -41,7 +41,7 @@ from torch.utils.checkpoint import checkpoint as _checkpoint
 from ..errors import ConfigError
 from .base import SlimNet
 from .layers import (AvgPool2d, BatchNorm, Conv2d, Linear, MaxPool2d, can_fold_batch_norm, fold_batch_norm,
-                     fused_conv2d, fused_inference_applies, pad2d, same_padding, truncated_normal_)
+                     pad2d, reduce_mean_hw, same_padding, truncated_normal_)
 from .registry import register_model
 
 
@@ -173,13 +173,8 @@ class SeparableConv2d(nn.Module):
     def folded_forward(self, x: Tensor, norm: BatchNorm, activation: Any = None) -> Tensor:
         """activation(norm(self(x))) at inference, `norm`'s moving statistics folded into the pointwise
         kernel (the BN is a separate slim scope, so the layer itself cannot own it)."""
-        x = self._depthwise(x)
         pointwise, bias = fold_batch_norm(self.pointwise_weight, None, norm)
-        if fused_inference_applies(x, pointwise):
-            fused = fused_conv2d(x, pointwise, bias, (1, 1), (0, 0), (1, 1), 1, activation)
-            if fused is not None:
-                return fused
-        x = F.conv2d(x, pointwise, bias)
+        x = F.conv2d(self._depthwise(x), pointwise, bias)
         return activation(x) if activation is not None else x
 
     def extra_repr(self) -> str:
@@ -691,7 +686,7 @@ class NASNet(SlimNet):
     def _forward_head(self, features: Tensor, end_points: "OrderedDict[str, Tensor]",
                       pre_logits: bool = False) -> Tensor:
         """final_layer: activation, global average pool, dropout, FC, softmax."""
-        net = end_points["global_pool"] = _activation(features, self.bounded).mean(dim=(2, 3))
+        net = end_points["global_pool"] = reduce_mean_hw(_activation(features, self.bounded), keepdim=False)
         if pre_logits or not self.num_classes:
             return net
         if self.dropout is not None:

@@ -1,39 +1,17 @@
-"""Inference fast paths: fused oneDNN conv + bias + activation (+ residual), border-only padding,
-NASNet's shared activations and folded BNs. Each gives the plain computation's values, and each is
-shown to be taken (counted), so that losing it fails here rather than only in a benchmark."""
+"""Fast paths of the shared layers and of NASNet: border-only padding, pooling without a padded
+copy, a spatial mean whose gradient keeps the memory format, one activation per hidden state. Each
+gives the plain computation's values and is shown to be taken (elements filled, tensors activated,
+gradient layouts), so that losing it fails here rather than only in a benchmark."""
 
 from __future__ import annotations
-
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from slimtune.nets import create_model, layers
-from slimtune.nets.layers import AvgPool2d, BatchNorm, Conv2d, batch_norm_factory, pad2d, same_padding
-from slimtune.nets.mobilenet_common import relu6_
-
-pytestmark = pytest.mark.skipif(layers._CONV_POINTWISE is None, reason="this torch build has no fused oneDNN conv")
-
-
-class _CountFusedCalls:
-    """Counts calls of the fused oneDNN conv (both overloads) while active."""
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.plain = self.residual = 0
-        plain, binary = layers._CONV_POINTWISE, layers._CONV_POINTWISE_BINARY
-
-        def count_plain(*args):
-            self.plain += 1
-            return plain(*args)
-
-        def count_binary(*args):
-            self.residual += 1
-            return binary(*args)
-
-        monkeypatch.setattr(layers, "_CONV_POINTWISE", count_plain)
-        monkeypatch.setattr(layers, "_CONV_POINTWISE_BINARY", count_binary)
+from slimtune.nets import create_model
+from slimtune.nets.layers import AvgPool2d, BatchNorm, pad2d, reduce_mean_hw, same_padding
 
 
 def _random_batch_norm(module: torch.nn.Module, seed: int) -> None:
@@ -47,84 +25,6 @@ def _random_batch_norm(module: torch.nn.Module, seed: int) -> None:
                 if norm.weight is not None:
                     norm.weight.copy_(torch.rand(channels, generator=generator) + 0.5)
                 norm.bias.copy_(torch.randn(channels, generator=generator) * 0.3)
-
-
-@pytest.mark.parametrize("activation", [F.relu, torch.relu_, relu6_, F.relu6, None],
-                         ids=["relu", "relu_", "mobilenet_relu6_", "relu6", "linear"])
-@pytest.mark.parametrize("stride, padding", [(1, "SAME"), (2, "SAME"), (2, "VALID")])
-@pytest.mark.parametrize("channels_last", [True, False])
-def test_fused_conv_equals_conv_then_activation(monkeypatch, activation, stride, padding, channels_last) -> None:
-    layer = Conv2d(6, 7, 3, stride=stride, padding=padding, normalizer=batch_norm_factory(scale=True),
-                   activation=activation)
-    _random_batch_norm(layer, seed=stride)
-    layer.eval()
-    x = torch.randn(2, 6, 11, 10) * 3
-    if channels_last:
-        layer = layer.to(memory_format=torch.channels_last)
-        x = x.contiguous(memory_format=torch.channels_last)
-    calls = _CountFusedCalls(monkeypatch)
-    want = layer(x).detach()  # autograd on: conv, separate BN, activation
-    assert calls.plain == 0
-    with torch.no_grad():
-        got = layer(x)
-    assert calls.plain == 1
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    if activation in (relu6_, F.relu6):
-        assert want.max() == 6.0 and got.max() == 6.0  # the clip is exercised
-    if activation is not None:
-        assert (want == 0).any() and (got == 0).any()
-
-
-def test_an_activation_without_a_onednn_post_op_runs_unfused(monkeypatch) -> None:
-    layer = Conv2d(4, 5, 3, activation=torch.tanh).eval()
-    x = torch.randn(1, 4, 6, 6)
-    calls = _CountFusedCalls(monkeypatch)
-    with torch.no_grad():
-        got = layer(x)
-    assert calls.plain == 0
-    torch.testing.assert_close(got, torch.tanh(F.conv2d(x, layer.weight, layer.bias, padding=1)))
-
-
-def test_no_fusion_under_autograd_autocast_tracing_or_when_switched_off(monkeypatch) -> None:
-    layer = Conv2d(4, 5, 3).eval()
-    x = torch.randn(1, 4, 6, 6)
-    calls = _CountFusedCalls(monkeypatch)
-    y = layer(x.requires_grad_())
-    y.sum().backward()  # the fused op has no backward: autograd must not see it
-    assert calls.plain == 0 and x.grad is not None
-    with torch.no_grad():
-        with layers.unfused_inference():
-            layer(x)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            assert layer(x).dtype == torch.bfloat16
-        traced = torch.jit.trace(layer, (x.detach(),), check_trace=False)
-    assert calls.plain == 0
-    assert "mkldnn" not in str(traced.graph) and "aten::_convolution" in str(traced.graph)
-    with torch.no_grad():
-        layer(x)
-    assert calls.plain == 1
-
-
-def test_inception_resnet_residual_block_fuses_scale_add_and_relu(monkeypatch) -> None:
-    from slimtune.nets.inception_resnet_v2 import Block35
-
-    for activation, clip in (("relu", False), (None, False), ("relu6", True)):
-        block = Block35(channels=32, scale=0.17, activation=activation)
-        _random_batch_norm(block, seed=3)
-        with torch.no_grad():
-            block.Conv2d_1x1.bias.normal_()
-        block.eval()
-        x = torch.randn(2, 32, 9, 9).contiguous(memory_format=torch.channels_last)
-        block = block.to(memory_format=torch.channels_last)
-        calls = _CountFusedCalls(monkeypatch)
-        want = block(x).detach()
-        with torch.no_grad():
-            got = block(x)
-        # relu6 clips the scaled residual before the addition: not expressible as one post-op.
-        assert calls.residual == (0 if clip else 1), activation
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-        if activation == "relu":
-            assert (got == 0).any()
 
 
 class _FilledElements(TorchDispatchMode):
@@ -216,3 +116,42 @@ def test_nasnet_cells_activate_each_tensor_once(monkeypatch, net) -> None:
             assert len(storages) == len(set(storages)), (train, name)
         if train:  # the normal cells do activate several hidden states (the test is not vacuous)
             assert max(len(inputs) for inputs in per_cell.values()) >= 4
+
+
+def test_spatial_mean_gradient_keeps_the_channels_last_layout() -> None:
+    x = torch.randn(2, 5, 4, 3).contiguous(memory_format=torch.channels_last).requires_grad_()
+    reference = x.detach().clone().requires_grad_()
+    for keepdim in (True, False):
+        got = reduce_mean_hw(x, keepdim)
+        want = reference.mean(dim=(2, 3), keepdim=keepdim)
+        assert torch.equal(got, want)
+        grad = torch.randn_like(want)
+        (got_grad,) = torch.autograd.grad(got, x, grad)
+        (want_grad,) = torch.autograd.grad(want, reference, grad)
+        torch.testing.assert_close(got_grad, want_grad, rtol=0, atol=1e-7)
+        assert got_grad.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("net, kwargs", [("mobilenet_v3_large", {"depth_multiplier": 0.35}),
+                                         ("mobilenet_v1", {"depth_multiplier": 0.25}),
+                                         ("inception_v3", {"depth_multiplier": 0.1})])
+def test_every_batch_norm_gets_a_channels_last_gradient(net, kwargs) -> None:
+    """A BatchNorm backward fed a contiguous NCHW gradient with its channels-last input takes a slow
+    path plus copies (a broadcast mean gradient did this to MobileNet v3's last conv, an in-place
+    padded copy to the layers before its strided depthwise convs): in a channels-last training step
+    every BN must receive a channels-last gradient."""
+    model = create_model(net, num_classes=7, **kwargs).to(memory_format=torch.channels_last).train()
+    size = 299 if net.startswith("inception") else 96
+    x = torch.randn(2, 3, size, size).contiguous(memory_format=torch.channels_last)
+    layouts = {}
+
+    def record(module, args, out, name):
+        out.register_hook(lambda grad: layouts.__setitem__(name, grad.is_contiguous(memory_format=torch.channels_last)))
+
+    for name, module in model.named_modules():
+        if isinstance(module, BatchNorm):
+            module.register_forward_hook(lambda module, args, out, name=name: record(module, args, out, name))
+    logits, end_points = model(x, with_end_points=True)
+    (logits.sum() + end_points.get("AuxLogits", logits).sum()).backward()
+    assert len(layouts) > 10
+    assert [name for name, channels_last in layouts.items() if not channels_last] == []
