@@ -388,7 +388,8 @@ def render(results: dict, args: argparse.Namespace, machine: dict[str, Any]) -> 
              f"- TF-Slim: tensorflow {machine.get('tensorflow', '?')}, tf_slim {machine.get('tf_slim', '?')}, "
              f"research/slim {machine.get('slim_src_revision', '?')}, inter_op threads {args.tf_inter_op}, "
              f"TF_ENABLE_ONEDNN_OPTS {machine.get('onednn_opts', '?')}",
-             f"- input {args.image_size}x{args.image_size}x3 float32, constant in memory; train step = forward + "
+             f"- input {args.image_size}x{args.image_size}x3 float32 (Inception nets at their "
+             f"{NET_IMAGE_SIZE['inception_v3']}), constant in memory; train step = forward + "
              f"softmax CE + backward + momentum {MOMENTUM} SGD, weight decay {WEIGHT_DECAY} on kernels",
              f"- {args.warmup} warm-up steps, then >= {args.min_steps} steps and >= {args.min_seconds:.0f} s; "
              f"median step; {args.rounds} round(s); "
