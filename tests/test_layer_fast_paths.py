@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from slimtune.nets import create_model
-from slimtune.nets.layers import AvgPool2d, BatchNorm, pad2d, reduce_mean_hw, same_padding
+from slimtune.nets.layers import AvgPool2d, BatchNorm, concat_channels, pad2d, reduce_mean_hw, same_padding
 
 
 def _random_batch_norm(module: torch.nn.Module, seed: int) -> None:
@@ -134,12 +134,14 @@ def test_spatial_mean_gradient_keeps_the_channels_last_layout() -> None:
 
 @pytest.mark.parametrize("net, kwargs", [("mobilenet_v3_large", {"depth_multiplier": 0.35}),
                                          ("mobilenet_v1", {"depth_multiplier": 0.25}),
-                                         ("inception_v3", {"depth_multiplier": 0.1})])
+                                         ("inception_v3", {"depth_multiplier": 0.1}),
+                                         ("nasnet_mobile", {"num_cells": 3, "num_conv_filters": 8, "image_size": 96})])
 def test_every_batch_norm_gets_a_channels_last_gradient(net, kwargs) -> None:
     """A BatchNorm backward fed a contiguous NCHW gradient with its channels-last input takes a slow
     path plus copies (a broadcast mean gradient did this to MobileNet v3's last conv, an in-place
     padded copy to the layers before its strided depthwise convs): in a channels-last training step
-    every BN must receive a channels-last gradient."""
+    every BN must receive a channels-last gradient (NASNet's cell outputs are concatenations, whose
+    plain backward hands each branch's last BN a strided channel slice)."""
     model = create_model(net, num_classes=7, **kwargs).to(memory_format=torch.channels_last).train()
     size = 299 if net.startswith("inception") else 96
     x = torch.randn(2, 3, size, size).contiguous(memory_format=torch.channels_last)
@@ -155,3 +157,16 @@ def test_every_batch_norm_gets_a_channels_last_gradient(net, kwargs) -> None:
     (logits.sum() + end_points.get("AuxLogits", logits).sum()).backward()
     assert len(layouts) > 10
     assert [name for name, channels_last in layouts.items() if not channels_last] == []
+
+
+def test_concat_gradient_is_compact_and_equal() -> None:
+    parts = [torch.randn(2, c, 5, 4).contiguous(memory_format=torch.channels_last).requires_grad_() for c in (3, 6, 2)]
+    references = [p.detach().clone().requires_grad_() for p in parts]
+    got, want = concat_channels(parts), torch.cat(references, dim=1)
+    assert torch.equal(got, want)
+    grad = torch.randn(want.shape).contiguous(memory_format=torch.channels_last)
+    got_grads = torch.autograd.grad(got, parts, grad)
+    want_grads = torch.autograd.grad(want, references, grad)
+    for got_grad, want_grad in zip(got_grads, want_grads):
+        assert torch.equal(got_grad, want_grad)
+        assert got_grad.is_contiguous(memory_format=torch.channels_last)

@@ -429,6 +429,35 @@ class _SpatialMean(torch.autograd.Function):
         return grad.contiguous(memory_format=memory_format), None
 
 
+class _ConcatChannels(torch.autograd.Function):
+    """torch.cat along channels whose backward hands each input a compact gradient.
+
+    Autograd's own backward of a concatenation gives every input a channel slice of the output's
+    gradient; for a channels-last tensor a slice is strided (each pixel's channels sit among the
+    other inputs' ones), and a BatchNorm backward reading such a gradient runs ~3x slower than on
+    a compact one (0.55 vs 0.18 ms at 16x176x7x7, one core) while the copy costs 0.01 ms.
+    """
+
+    @staticmethod
+    def forward(ctx, *tensors: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.sizes = [t.shape[1] for t in tensors]
+        return torch.cat(tensors, dim=1)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
+        channels_last = grad.dim() == 4 and not grad.is_contiguous() and grad.is_contiguous(
+            memory_format=torch.channels_last)
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        return tuple(part.contiguous(memory_format=memory_format) for part in grad.split(ctx.sizes, dim=1))
+
+
+def concat_channels(tensors: Sequence[Tensor]) -> Tensor:
+    """torch.cat(tensors, dim=1); under autograd each input's gradient is compact (see _ConcatChannels)."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return _ConcatChannels.apply(*tensors)
+    return torch.cat(list(tensors), dim=1)
+
+
 def reduce_mean_hw(x: Tensor, keepdim: bool = True) -> Tensor:
     """tf.reduce_mean over height and width (slim's global_pool); its gradient keeps x's memory format."""
     if x.dim() == 4 and torch.is_grad_enabled() and x.requires_grad:

@@ -40,7 +40,8 @@ from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from ..errors import ConfigError
 from .base import SlimNet
-from .layers import (AvgPool2d, BatchNorm, Conv2d, Linear, MaxPool2d, can_fold_batch_norm, fold_batch_norm,
+from .layers import (AvgPool2d, BatchNorm, Conv2d, Linear, MaxPool2d, can_fold_batch_norm, concat_channels,
+                     fold_batch_norm,
                      pad2d, reduce_mean_hw, same_padding, truncated_normal_)
 from .registry import register_model
 
@@ -423,7 +424,7 @@ class Cell(nn.Module):
         for index, reduce_stride in self._reductions.items():
             hidden[index] = _factorized_reduction(self.cell_output._modules[f"reduction_{index}"], hidden[index],
                                                   reduce_stride)
-        return torch.cat([h for h, used in zip(hidden, self.spec.used_hiddenstates) if not used], dim=1)
+        return concat_channels([h for h, used in zip(hidden, self.spec.used_hiddenstates) if not used])
 
 
 @contextmanager
