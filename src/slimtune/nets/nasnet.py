@@ -41,8 +41,7 @@ from torch.utils.checkpoint import checkpoint as _checkpoint
 from ..errors import ConfigError
 from .base import SlimNet
 from .layers import (AvgPool2d, BatchNorm, Conv2d, Linear, MaxPool2d, can_fold_batch_norm, concat_channels,
-                     fold_batch_norm,
-                     pad2d, reduce_mean_hw, same_padding, truncated_normal_)
+                     fold_batch_norm, pad2d, reduce_mean_hw, same_padding, truncated_normal_)
 from .registry import register_model
 
 
@@ -171,12 +170,11 @@ class SeparableConv2d(nn.Module):
             x, padding = pad2d(x, (left, right, top, bottom)), (0, 0)
         return F.conv2d(x, self.depthwise_weight, None, self.stride, padding, 1, self.in_channels)
 
-    def folded_forward(self, x: Tensor, norm: BatchNorm, activation: Any = None) -> Tensor:
-        """activation(norm(self(x))) at inference, `norm`'s moving statistics folded into the pointwise
-        kernel (the BN is a separate slim scope, so the layer itself cannot own it)."""
+    def folded_forward(self, x: Tensor, norm: BatchNorm) -> Tensor:
+        """norm(self(x)) at inference, `norm`'s moving statistics folded into the pointwise kernel
+        (the BN is a separate slim scope, so the layer itself cannot own it)."""
         pointwise, bias = fold_batch_norm(self.pointwise_weight, None, norm)
-        x = F.conv2d(self._depthwise(x), pointwise, bias)
-        return activation(x) if activation is not None else x
+        return F.conv2d(self._depthwise(x), pointwise, bias)
 
     def extra_repr(self) -> str:
         return f"{self.in_channels}, {self.out_channels}, kernel={self.kernel_size}, stride={self.stride}"
@@ -288,20 +286,10 @@ class Operation(nn.Module):
         if self.reads_activated_input:
             x = activated if activated is not None else _activation(x, bounded)
         if self.operation.startswith("separable"):
-            last = len(self._layer_names) - 1
-            is_activated = True
             for layer, (conv, bn) in enumerate(self._layer_names):
-                conv_module, norm = self._modules[conv], self._modules[bn]
-                if not is_activated:
+                if layer > 0:
                     x = _activation(x, bounded)
-                if can_fold_batch_norm(norm):
-                    # At inference the next layer's activation runs inside this layer's pointwise conv.
-                    next_activation = None if layer == last else (F.relu6 if bounded else F.relu)
-                    x = conv_module.folded_forward(x, norm, next_activation)
-                    is_activated = next_activation is not None
-                else:
-                    x = norm(conv_module(x))
-                    is_activated = False
+                x = _conv_bn(self._modules[conv], self._modules[bn], x)
             if bounded:
                 x = x.clamp(-CLIP_BY_VALUE_CAP, CLIP_BY_VALUE_CAP)
         elif self.operation == "none":
