@@ -291,6 +291,11 @@ def worker_command(python: str, framework: str, net: str, mode: str, batch: int,
     return command
 
 
+def framework_python(framework: str, args: argparse.Namespace) -> str:
+    """The interpreter a framework's worker runs under: this one for slimtune, the TF venv's for TF-Slim."""
+    return sys.executable if framework == "slimtune" else args.tf_python
+
+
 def worker_environment(args: argparse.Namespace) -> dict[str, str]:
     """Both frameworks' thread count, TF's log level quiet."""
     return dict(os.environ, OMP_NUM_THREADS=str(args.threads), TF_CPP_MIN_LOG_LEVEL="2")
@@ -331,6 +336,7 @@ class LockstepWorker:
         self.process.stdin.flush()
         record = self._json_line()
         self.process.wait()
+        self.stderr.close()
         return record
 
 
@@ -339,7 +345,7 @@ def run_lockstep(net: str, mode: str, batch: int, args: argparse.Namespace) -> d
     alternating too), so that a machine whose speed drifts over minutes (shared cloud cores) slows
     both alike. Records per framework, plus the median over pairs of the per-pair speed ratio."""
     workers = {framework: LockstepWorker(framework, worker_command(
-        sys.executable if framework == "slimtune" else args.tf_python, framework, net, mode, batch, args),
+        framework_python(framework, args), framework, net, mode, batch, args),
         worker_environment(args)) for framework in ("slimtune", "tf-slim")}
     try:
         for worker in workers.values():
@@ -434,8 +440,8 @@ def drive(args: argparse.Namespace) -> None:
                 if lockstep:
                     measured = run_lockstep(net, mode, batch, args)
                 else:
-                    measured = {framework: run_worker(sys.executable if framework == "slimtune" else args.tf_python,
-                                                      framework, net, mode, batch, args)
+                    measured = {framework: run_worker(framework_python(framework, args), framework, net, mode,
+                                                      batch, args)
                                 for framework in frameworks}
                 for framework, record in measured.items():
                     per_key.setdefault(f"{framework}/{mode}", []).append(record)

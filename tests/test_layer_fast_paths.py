@@ -14,19 +14,6 @@ from slimtune.nets import create_model
 from slimtune.nets.layers import AvgPool2d, BatchNorm, concat_channels, pad2d, reduce_mean_hw, same_padding
 
 
-def _random_batch_norm(module: torch.nn.Module, seed: int) -> None:
-    generator = torch.Generator().manual_seed(seed)
-    for norm in module.modules():
-        if isinstance(norm, BatchNorm):
-            channels = norm.num_features
-            with torch.no_grad():
-                norm.running_mean.copy_(torch.randn(channels, generator=generator) * 0.3)
-                norm.running_var.copy_(torch.rand(channels, generator=generator) + 0.5)
-                if norm.weight is not None:
-                    norm.weight.copy_(torch.rand(channels, generator=generator) + 0.5)
-                norm.bias.copy_(torch.randn(channels, generator=generator) * 0.3)
-
-
 class _FilledElements(TorchDispatchMode):
     """Counts the elements written by fill_ (F.pad's whole-output fill shows up here)."""
 

@@ -52,6 +52,11 @@ def _same_pads(x: Tensor, kernel: tuple[int, int], stride: tuple[int, int],
     return left, right, top, bottom
 
 
+def _is_channels_last(x: Tensor) -> bool:
+    """True for a 4-D tensor laid out channels-last and not also plain contiguous (C or H*W of 1)."""
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
 def pad2d(x: Tensor, pads: tuple[int, int, int, int], value: float = 0.0) -> Tensor:
     """F.pad(x, (left, right, top, bottom), value=value) for an NCHW-shaped tensor.
 
@@ -59,8 +64,7 @@ def pad2d(x: Tensor, pads: tuple[int, int, int, int], value: float = 0.0) -> Ten
     fraction of a copy's speed (8.5 ms vs 1.4 ms for a 16x32x111x111 map on one core); here only the
     border is filled, and the input copied once into the interior.
     """
-    if (x.dim() != 4 or x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last)
-            or min(pads) < 0):
+    if not _is_channels_last(x) or min(pads) < 0:
         return F.pad(x, pads, value=value)
     if torch.is_grad_enabled() and x.requires_grad:
         return _BorderPad.apply(x, pads, value)
@@ -416,9 +420,7 @@ class _SpatialMean(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, keepdim: bool) -> Tensor:  # type: ignore[override]
-        ctx.shape, ctx.keepdim = x.shape, keepdim
-        ctx.channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(
-            memory_format=torch.channels_last)
+        ctx.shape, ctx.channels_last = x.shape, _is_channels_last(x)
         return x.mean(dim=(2, 3), keepdim=keepdim)
 
     @staticmethod
@@ -445,9 +447,7 @@ class _ConcatChannels(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
-        channels_last = grad.dim() == 4 and not grad.is_contiguous() and grad.is_contiguous(
-            memory_format=torch.channels_last)
-        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        memory_format = torch.channels_last if _is_channels_last(grad) else torch.contiguous_format
         return tuple(part.contiguous(memory_format=memory_format) for part in grad.split(ctx.sizes, dim=1))
 
 
