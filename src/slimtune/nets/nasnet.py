@@ -41,7 +41,8 @@ from torch.utils.checkpoint import checkpoint as _checkpoint
 from ..errors import ConfigError
 from .base import SlimNet
 from .layers import (AvgPool2d, BatchNorm, Conv2d, Linear, MaxPool2d, can_fold_batch_norm, concat_channels,
-                     fold_batch_norm, pad2d, reduce_mean_hw, same_padding, truncated_normal_)
+                     fold_batch_norm, folded_batch_norm, inference_cached, pad2d, reduce_mean_hw, same_padding,
+                     truncated_normal_)
 from .registry import register_model
 
 
@@ -173,7 +174,7 @@ class SeparableConv2d(nn.Module):
     def folded_forward(self, x: Tensor, norm: BatchNorm) -> Tensor:
         """norm(self(x)) at inference, `norm`'s moving statistics folded into the pointwise kernel
         (the BN is a separate slim scope, so the layer itself cannot own it)."""
-        pointwise, bias = fold_batch_norm(self.pointwise_weight, None, norm)
+        pointwise, bias = folded_batch_norm(self.pointwise_weight, None, norm)
         return F.conv2d(self._depthwise(x), pointwise, bias)
 
     def extra_repr(self) -> str:
@@ -187,7 +188,7 @@ def _conv_bn(conv: nn.Module, norm: nn.Module, x: Tensor) -> Tensor:
         return norm(conv(x))
     if isinstance(conv, SeparableConv2d):
         return conv.folded_forward(x, norm)
-    kernel, bias = fold_batch_norm(conv.weight, conv.bias, norm)
+    kernel, bias = folded_batch_norm(conv.weight, conv.bias, norm)
     return conv.convolve(x, kernel, bias, normalize=False)
 
 
@@ -218,10 +219,17 @@ def _factorized_reduction(owner: nn.Module, x: Tensor, stride: int) -> Tensor:
     if not can_fold_batch_norm(norm):
         return norm(torch.cat([owner.path1_conv(even), owner.path2_conv(odd)], dim=1))
     # Inference: the BN over the concatenation folded into the two convs, each taking its channels.
-    kernel, bias = fold_batch_norm(torch.cat([owner.path1_conv.weight, owner.path2_conv.weight]), None, norm)
     split = owner.path1_conv.out_channels
-    return torch.cat([owner.path1_conv.convolve(even, kernel[:split], bias[:split], normalize=False),
-                      owner.path2_conv.convolve(odd, kernel[split:], bias[split:], normalize=False)], dim=1)
+
+    def fold() -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        kernel, bias = fold_batch_norm(torch.cat([owner.path1_conv.weight, owner.path2_conv.weight]), None, norm)
+        return kernel[:split], bias[:split], kernel[split:], bias[split:]
+
+    kernel1, bias1, kernel2, bias2 = inference_cached(
+        norm, "fold_paths", (owner.path1_conv.weight, owner.path2_conv.weight, norm.weight, norm.bias,
+                             norm.running_mean, norm.running_var), fold)
+    return torch.cat([owner.path1_conv.convolve(even, kernel1, bias1, normalize=False),
+                      owner.path2_conv.convolve(odd, kernel2, bias2, normalize=False)], dim=1)
 
 
 def _parse_separable(operation: str) -> tuple[int, int]:
