@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import ConfigError, DataError
+from .runtime import inference_layout
 
 PathLike = Union[str, Path]
 
@@ -82,11 +83,12 @@ def _forward_endpoints(model: nn.Module):
 
 
 def extract_features(model: nn.Module, endpoint: str, images: Iterable[Any], batch_size: int = 32,
-                     device: Optional[Union[str, torch.device]] = None) -> Tensor:
+                     device: Optional[Union[str, torch.device]] = None, channels_last: bool = True) -> Tensor:
     """Activations of `endpoint` for every image, stacked [N, ...] as float32 on the CPU.
 
-    The net runs in eval mode (restored afterwards) under inference mode. An unknown end point
-    raises ConfigError listing the available ones.
+    The net runs in eval mode (restored afterwards) under inference mode, in the channels-last layout
+    unless `channels_last` is False (runtime.inference_layout). An unknown end point raises
+    ConfigError listing the available ones.
     """
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
@@ -96,12 +98,13 @@ def extract_features(model: nn.Module, endpoint: str, images: Iterable[Any], bat
         device = first.device if first is not None else torch.device("cpu")
     was_training = model.training
     model.eval()
+    layout = inference_layout(model, channels_last)
     outputs: list[Tensor] = []
     try:
         with torch.inference_mode():
             for batch in _batches(images, batch_size):
-                _, end_points = forward(batch.to(device))
-                outputs.append(_pick(end_points, endpoint, model).detach().float().cpu())
+                _, end_points = forward(layout(batch.to(device)))
+                outputs.append(_pick(end_points, endpoint, model).detach().float().contiguous().cpu())
     finally:
         model.train(was_training)
     if not outputs:

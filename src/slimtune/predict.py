@@ -20,7 +20,7 @@ from .data.folder import expand_inputs
 from .errors import ConfigError
 from .evaluate.run import THRESHOLDS_FILENAME, load_for_eval
 from .preprocessing import get_preprocessing
-from .runtime import pick_device
+from .runtime import inference_layout, pick_device
 
 
 @dataclass
@@ -69,6 +69,7 @@ def predict(checkpoint_path: Optional[str], inputs: Sequence[str], *, model_name
         raise ConfigError("predict needs --checkpoint_path (a train_dir or checkpoint) or --model (an exported .onnx)")
     torch_device = pick_device(device)
     model, spec, meta, weights = load_for_eval(checkpoint_path, model_name, None, torch_device, moving_average)
+    layout = inference_layout(model)
     paths = expand_inputs(inputs)
     multi_label = meta.get("multi_label") == "true"
     names = _class_names(meta, weights, model.num_classes)
@@ -99,7 +100,7 @@ def predict(checkpoint_path: Optional[str], inputs: Sequence[str], *, model_name
         if not tensors:
             continue
         with torch.no_grad():
-            logits = model(torch.stack(tensors).to(torch_device)).float().cpu()
+            logits = model(layout(torch.stack(tensors).to(torch_device))).float().cpu()
         for path, row in zip(kept, logits):
             predictions.append(Prediction(str(path), _labels(row, names, multi_label, top_k, thresholds)))
     order = {str(p): i for i, p in enumerate(paths)}

@@ -39,6 +39,7 @@ from .nets.base import pooled_features
 from .nets.endpoint_head import EndpointHead
 from .nets.registry import ModelSpec, get_model_spec
 from .preprocessing import get_preprocessing
+from .runtime import inference_layout
 
 log = logging.getLogger("slimtune.probe")
 RESULTS_FILENAME = "probe_results.json"
@@ -103,11 +104,12 @@ def extract_features(model: nn.Module, source: Any, spec: ModelSpec, endpoints: 
         targets: list[np.ndarray] = []
         count = 0
         model.eval()
+        layout = inference_layout(model)
         with torch.inference_mode():
             for batch in loader:
                 if not len(batch):
                     continue
-                _, end_points = model.forward_endpoints(batch.images.to(device))
+                _, end_points = model.forward_endpoints(layout(batch.images.to(device)))
                 forward_passes += 1
                 for ep in missing:
                     pooled = pooled_features(end_points[ep]).flatten(1).float().cpu().numpy()

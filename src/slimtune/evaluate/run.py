@@ -24,7 +24,7 @@ from ..errors import CheckpointError, ConfigError
 from ..nets.registry import ModelSpec, get_model_spec
 from ..preprocessing import get_preprocessing
 from ..checkpoint import train_dir as ckpt
-from ..runtime import default_num_workers, pick_device
+from ..runtime import default_num_workers, inference_layout, pick_device
 from .metrics import MultiLabelAccumulator, SingleLabelAccumulator, to_jsonable
 
 log = logging.getLogger("slimtune.eval")
@@ -36,8 +36,9 @@ def evaluate_model(model: nn.Module, source: Any, spec: ModelSpec, *, preprocess
                    multi_label: bool = False, num_workers: int = 0, labels_offset: int = 0,
                    use_grayscale: bool = False, max_num_batches: Optional[int] = None,
                    thresholds: Any = 0.5, on_bad_image: str = "skip", with_curves: bool = False,
-                   return_scores: bool = False) -> dict[str, Any]:
-    """Run `model` over every sample of `source` once and return the metrics."""
+                   return_scores: bool = False, channels_last: bool = True) -> dict[str, Any]:
+    """Run `model` over every sample of `source` once and return the metrics (in the channels-last
+    layout unless `channels_last` is False: see runtime.inference_layout)."""
     device = torch.device(device)
     size = image_size or spec.default_image_size
     preprocess = get_preprocessing(preprocessing_name or spec.preprocessing, is_training=False,
@@ -51,6 +52,7 @@ def evaluate_model(model: nn.Module, source: Any, spec: ModelSpec, *, preprocess
                    else SingleLabelAccumulator(num_classes, names))
     was_training = model.training
     model.eval()
+    layout = inference_layout(model, channels_last)
     skipped: list[str] = []
     seen: list[np.ndarray] = []
     all_scores: list[np.ndarray] = []
@@ -62,7 +64,7 @@ def evaluate_model(model: nn.Module, source: Any, spec: ModelSpec, *, preprocess
             skipped.extend(batch.bad)
             if len(batch) == 0:
                 continue
-            logits = model(batch.images.to(device)).float()
+            logits = model(layout(batch.images.to(device))).float()
             scores = torch.sigmoid(logits) if multi_label else logits
             if multi_label:
                 accumulator.update(scores.cpu().numpy(), batch.targets.numpy())

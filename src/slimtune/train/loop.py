@@ -892,7 +892,8 @@ def _make_evaluator(config: TrainConfig, spec: ModelSpec, runtime: Runtime, mult
                                  image_size=config.train_image_size, batch_size=config.batch_size,
                                  device=runtime.device, multi_label=multi_label,
                                  num_workers=default_num_workers(config.num_workers),
-                                 labels_offset=config.labels_offset, use_grayscale=config.use_grayscale)
+                                 labels_offset=config.labels_offset, use_grayscale=config.use_grayscale,
+                                 channels_last=config.channels_last is not False)
         for key in ("Accuracy", "Recall_5", "mAP", "mAP_voc07"):
             if key in results:
                 writer.add_scalar(f"eval/{key}", results[key], step)
