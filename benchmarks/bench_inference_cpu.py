@@ -6,9 +6,14 @@
 For each net (resnet_v1_50, mobilenet_v1, and inception_v3 once registered) the driver writes a
 slimtune checkpoint (seeded weights), exports it with `slimtune export` (torchscript, onnx fp32,
 onnx int8 calibrated on real-photo crops, tflite int8 when a python with litert-torch is given),
-then times each runtime in its own subprocess at batch 1 and 16 on the same preprocessed input:
+then times each runtime in its own subprocess at batch 1 and 16 on the same preprocessed input.
+All runtimes' workers of one net and batch are alive at once and step in rotation (lockstep, as
+bench_nets_cpu.py): this cloud machine's speed drifts 15-40% from minute to minute, so runtimes
+timed minutes apart (`--sequential`, the old way) gave ratios that moved by 2-4x between runs.
+A ratio column is the median over rounds of that round's ratio.
 
-  eager        slimtune net, torch.no_grad (BN folded on the fly by slimtune's layers)
+  eager        slimtune net as `slimtune predict` runs it: torch.no_grad, channels-last, BN folded
+               into the kernels once (slimtune's layers)
   torchscript  torch.jit.load of the export
   ort-fp32     onnxruntime CPU, the fp32 ONNX export
   ort-int8     onnxruntime CPU, the int8 QDQ export
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -37,6 +43,8 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 DEFAULT_NETS = ("resnet_v1_50", "mobilenet_v1", "inception_v3")
 RUNTIMES = ("eager", "torchscript", "ort-fp32", "ort-int8", "tflite-int8", "tf-slim")
+#: Idle seconds before each lockstep request: the previous worker's threads stop spinning.
+LOCKSTEP_GAP_S = 0.2
 
 
 def _time(step, batch: int, min_steps: int, min_seconds: float) -> dict[str, Any]:
@@ -50,6 +58,36 @@ def _time(step, batch: int, min_steps: int, min_seconds: float) -> dict[str, Any
         times.append(time.perf_counter() - begin)
     median = statistics.median(times)
     return {"images_per_sec": batch / median, "steps": len(times)}
+
+
+#: Seconds of work per lockstep request (a batch-1 step is a few ms: one request runs it repeatedly).
+REQUEST_SECONDS = 0.25
+
+
+def serve(step, batch: int) -> dict[str, Any]:
+    """Lockstep worker loop: warm up, print a ready line, then for each 'step' line on stdin run
+    `step` enough times for ~REQUEST_SECONDS and print the median step time; 'quit' (or end of
+    input) ends it and returns the summary record."""
+    step()
+    step()
+    begin = time.perf_counter()
+    step()
+    repeats = max(1, math.ceil(REQUEST_SECONDS / max(time.perf_counter() - begin, 1e-6)))
+    print(json.dumps({"ready": True, "repeats": repeats}), flush=True)
+    times: list[float] = []
+    for line in sys.stdin:
+        if line.strip() != "step":
+            break
+        runs = []
+        for _ in range(repeats):
+            begin = time.perf_counter()
+            step()
+            runs.append(time.perf_counter() - begin)
+        times.append(statistics.median(runs))
+        print(json.dumps({"step_s": times[-1]}), flush=True)
+    if not times:
+        raise SystemExit("lockstep worker: no step was requested")
+    return {"images_per_sec": batch / statistics.median(times), "steps": len(times), "repeats": repeats}
 
 
 def worker(args: argparse.Namespace) -> dict[str, Any]:
@@ -67,9 +105,14 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
         tensor = torch.from_numpy(x)
         if args.worker == "eager":
+            # As `slimtune predict` runs it: the CLI's allocator setting, the channels-last layout.
             from slimtune.export.prepare import load_source
+            from slimtune.malloc import reuse_freed_memory
+            from slimtune.runtime import inference_layout
 
+            reuse_freed_memory()
             model = load_source(args.file).model.eval()
+            tensor = inference_layout(model)(tensor)
         else:
             model = torch.jit.load(args.file).eval()
 
@@ -126,17 +169,70 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
 
         def step() -> None:
             sess.run(output, feed)
+    if args.serve:
+        return serve(step, args.batch)
     return _time(step, args.batch, args.min_steps, args.min_seconds)
+
+
+def worker_command(python: str, runtime: str, file: str, batch: int, args: argparse.Namespace) -> list[str]:
+    """The command line of one runtime's measurement worker."""
+    return [python, str(Path(__file__).resolve()), "--worker", runtime, "--file", file, "--input", args.input,
+            "--batch", str(batch), "--threads", str(args.threads), "--min_steps", str(args.min_steps),
+            "--min_seconds", str(args.min_seconds), "--slim_src", args.slim_src]
+
+
+def worker_environment(args: argparse.Namespace) -> dict[str, str]:
+    """Every runtime's thread count; TF quiet; slimtune from this checkout."""
+    return dict(os.environ, OMP_NUM_THREADS=str(args.threads), TF_CPP_MIN_LOG_LEVEL="2",
+                PYTHONPATH=str(REPO / "src"))
+
+
+def run_lockstep(commands: dict[str, list[str]], args: argparse.Namespace) -> tuple[dict[str, dict], list[dict]]:
+    """Start every runtime's worker at once, then step them in rotation (the first of each round
+    rotating too, 0.2 s idle before each request) for >= --min_rounds rounds and >= --min_seconds
+    per runtime. Returns each runtime's summary record and the per-round step times; a runtime whose
+    worker fails to start is reported and left out."""
+    from bench_nets_cpu import LockstepWorker
+
+    workers = {runtime: LockstepWorker(runtime, command, worker_environment(args))
+               for runtime, command in commands.items()}
+    try:
+        for runtime in list(workers):
+            try:
+                workers[runtime].wait_ready()
+            except RuntimeError as failure:
+                print(f"  {runtime}: failed ({str(failure).strip().splitlines()[-1:]})", flush=True)
+                workers.pop(runtime).process.kill()
+        rounds: list[dict[str, float]] = []
+        started = time.perf_counter()
+        while workers and (len(rounds) < args.min_rounds
+                           or time.perf_counter() - started < args.min_seconds * len(workers)):
+            names = list(workers)
+            shift = len(rounds) % len(names)
+            step_times = {}
+            for runtime in names[shift:] + names[:shift]:
+                time.sleep(LOCKSTEP_GAP_S)
+                step_times[runtime] = workers[runtime].step()
+            rounds.append(step_times)
+        records = {runtime: worker.finish() for runtime, worker in workers.items()}
+    finally:
+        for worker in workers.values():
+            if worker.process.poll() is None:
+                worker.process.kill()
+    return records, rounds
+
+
+def paired_ratio(rounds: list[dict[str, float]], faster: str, slower: str) -> Optional[float]:
+    """Median over rounds of (step time of `slower`) / (step time of `faster`): how many times
+    faster `faster` ran than `slower`, each round's two steps taken seconds apart."""
+    pairs = [r[slower] / r[faster] for r in rounds if faster in r and slower in r]
+    return statistics.median(pairs) if pairs else None
 
 
 def run_worker(python: str, runtime: str, file: str, batch: int, args: argparse.Namespace) -> Optional[float]:
     """images/s of one runtime in a fresh interpreter, or None when it fails (printed)."""
-    command = [python, str(Path(__file__).resolve()), "--worker", runtime, "--file", file, "--input", args.input,
-               "--batch", str(batch), "--threads", str(args.threads), "--min_steps", str(args.min_steps),
-               "--min_seconds", str(args.min_seconds), "--slim_src", args.slim_src]
-    environment = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TF_CPP_MIN_LOG_LEVEL="2",
-                       PYTHONPATH=str(REPO / "src"))
-    completed = subprocess.run(command, capture_output=True, text=True, env=environment, cwd=REPO)
+    command = worker_command(python, runtime, file, batch, args)
+    completed = subprocess.run(command, capture_output=True, text=True, env=worker_environment(args), cwd=REPO)
     lines = [line for line in completed.stdout.splitlines() if line.startswith("{")]
     if completed.returncode != 0 or not lines:
         print(f"  {runtime} batch {batch}: failed ({completed.stderr.strip().splitlines()[-1:]})", flush=True)
@@ -210,24 +306,31 @@ def main() -> None:
     parser.add_argument("--slim_src", default="/work/slim_src")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batches", default="1,16")
-    parser.add_argument("--min_steps", type=int, default=5)
-    parser.add_argument("--min_seconds", type=float, default=3.0)
+    parser.add_argument("--min_steps", type=int, default=5, help="--sequential: timed steps per runtime")
+    parser.add_argument("--min_seconds", type=float, default=3.0,
+                        help="seconds of timing per runtime (lockstep: per runtime, summed over rounds)")
+    parser.add_argument("--min_rounds", type=int, default=8, help="lockstep: rounds over all runtimes")
+    parser.add_argument("--sequential", action="store_true",
+                        help="time the runtimes one after another (the pre-2026-12-03 way) instead of in lockstep")
     parser.add_argument("--calibration_images", type=int, default=32)
     parser.add_argument("--work_dir", default=None)
     parser.add_argument("--worker", default=None)
+    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--file", default=None)
     parser.add_argument("--input", default=None)
     parser.add_argument("--batch", type=int, default=1)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(args)))
+        print(json.dumps(worker(args)), flush=True)
         return
     sys.path.insert(0, str(REPO / "src"))
+    sys.path.insert(0, str(HERE))
     from slimtune.nets.registry import list_models
 
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench_inference_"))
     batches = [int(b) for b in args.batches.split(",")]
-    print(f"load average {os.getloadavg()[0]:.2f}, {args.threads} threads, work dir {work}", flush=True)
+    mode = "sequential" if args.sequential else "lockstep"
+    print(f"load average {os.getloadavg()[0]:.2f}, {args.threads} threads, {mode}, work dir {work}", flush=True)
     rows = []
     for net in args.nets.split(","):
         if net not in list_models():
@@ -236,31 +339,48 @@ def main() -> None:
         prepared = prepare(net, work / net, args)
         args.input = prepared["input"]
         speeds: dict[tuple[str, int], Optional[float]] = {}
-        for runtime in RUNTIMES:
-            file = prepared["files"].get(runtime)
-            python = {"tf-slim": args.tf_python, "tflite-int8": args.tflite_python}.get(runtime, sys.executable)
-            for batch in batches:
-                if file is None or python is None or (runtime == "tflite-int8" and batch != 1):
-                    speeds[runtime, batch] = None
-                    continue
-                speeds[runtime, batch] = run_worker(python, runtime, file, batch, args)
-                print(f"  {net} {runtime} batch {batch}: {speeds[runtime, batch]}", flush=True)
-        rows.append((net, speeds, prepared["int8_report"]))
+        ratios: dict[tuple[str, int], Optional[float]] = {}
+        for batch in batches:
+            sources = {}  # runtime -> (interpreter, file)
+            for runtime in RUNTIMES:
+                file = prepared["files"].get(runtime)
+                python = {"tf-slim": args.tf_python, "tflite-int8": args.tflite_python}.get(runtime, sys.executable)
+                if file is not None and python is not None and (runtime != "tflite-int8" or batch == 1):
+                    sources[runtime] = (python, file)
+            if args.sequential:
+                for runtime, (python, file) in sources.items():
+                    speeds[runtime, batch] = run_worker(python, runtime, file, batch, args)
+                ratios["fp32/tf", batch] = ratio(speeds.get(("ort-fp32", batch)), speeds.get(("tf-slim", batch)))
+                ratios["int8/fp32", batch] = ratio(speeds.get(("ort-int8", batch)), speeds.get(("ort-fp32", batch)))
+            else:
+                records, rounds = run_lockstep({runtime: worker_command(python, runtime, file, batch, args)
+                                                for runtime, (python, file) in sources.items()}, args)
+                for runtime, record in records.items():
+                    speeds[runtime, batch] = record["images_per_sec"]
+                ratios["fp32/tf", batch] = paired_ratio(rounds, "ort-fp32", "tf-slim")
+                ratios["int8/fp32", batch] = paired_ratio(rounds, "ort-int8", "ort-fp32")
+                print(f"  {net} batch {batch}: {len(rounds)} lockstep rounds", flush=True)
+            for runtime in sources:
+                print(f"  {net} {runtime} batch {batch}: {speeds.get((runtime, batch))}", flush=True)
+        rows.append((net, speeds, ratios, prepared["int8_report"]))
     print()
     header = "| net | batch | " + " | ".join(RUNTIMES) + " | ort-fp32 / tf-slim | ort-int8 / ort-fp32 |"
     print(header)
     print("|" + "---|" * (len(RUNTIMES) + 4))
-    for net, speeds, report in rows:
+    for net, speeds, ratios, report in rows:
         for batch in batches:
             cells = [f"{speeds[r, batch]:.1f}" if speeds.get((r, batch)) else "-" for r in RUNTIMES]
-            fp32, tf_slim, int8 = speeds.get(("ort-fp32", batch)), speeds.get(("tf-slim", batch)), \
-                speeds.get(("ort-int8", batch))
-            r1 = f"{fp32 / tf_slim:.2f}x" if fp32 and tf_slim else "-"
-            r2 = f"{int8 / fp32:.2f}x" if fp32 and int8 else "-"
+            r1, r2 = (f"{ratios[key, batch]:.2f}x" if ratios.get((key, batch)) else "-"
+                      for key in ("fp32/tf", "int8/fp32"))
             print(f"| {net} | {batch} | " + " | ".join(cells) + f" | {r1} | {r2} |")
-    for net, _, report in rows:
+    for net, _, _, report in rows:
         print(f"{net} int8 ONNX: {report.get('int8_bytes', 0) / 1e6:.1f} MB vs fp32 {report.get('fp32_bytes', 0) / 1e6:.1f} MB, "
               f"top-1 agreement with fp32 {report.get('top1_agreement')} on {report.get('calibration_images')} photo crops")
+
+
+def ratio(numerator: Optional[float], denominator: Optional[float]) -> Optional[float]:
+    """numerator / denominator, or None when either is missing."""
+    return numerator / denominator if numerator and denominator else None
 
 
 if __name__ == "__main__":

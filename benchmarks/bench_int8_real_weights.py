@@ -67,6 +67,28 @@ def crops(arrays: list[np.ndarray], count: int, seed: int) -> list[np.ndarray]:
     return out
 
 
+def weights_only_int8(fp32_path: Path, out: Path) -> Path:
+    """A copy of the fp32 ONNX whose Conv / Gemm kernels are rounded to int8 per output channel
+    (symmetric, max-abs scale: the weight grid of the QDQ export) and stored back as float:
+    activations stay float, so its agreement with fp32 is what 8-bit weights alone cost."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(fp32_path))
+    kernels = {node.input[1] for node in model.graph.node if node.op_type in ("Conv", "Gemm")}
+    for initializer in model.graph.initializer:
+        if initializer.name not in kernels:
+            continue
+        weight = numpy_helper.to_array(initializer)
+        rows = weight.reshape(weight.shape[0], -1)
+        scale = np.abs(rows).max(axis=1) / 127.0
+        scale[scale == 0] = 1.0
+        rounded = (np.clip(np.round(rows / scale[:, None]), -127, 127) * scale[:, None]).astype(np.float32)
+        initializer.CopyFrom(numpy_helper.from_array(rounded.reshape(weight.shape), initializer.name))
+    onnx.save(model, str(out))
+    return out
+
+
 def timed(session, batch: np.ndarray, min_seconds: float) -> float:
     """Median seconds per run of `session` on `batch`."""
     feed = {session.get_inputs()[0].name: batch}
@@ -129,8 +151,9 @@ def main() -> None:
                              for c in held_out]).numpy()
         options = ort.SessionOptions()
         options.intra_op_num_threads, options.inter_op_num_threads = args.threads, 1
+        weights_only = weights_only_int8(fp32.path, folder / "weights_only_int8.onnx")
         sessions = {name: ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-                    for name, path in (("fp32", fp32.path), ("int8", int8.path))}
+                    for name, path in (("fp32", fp32.path), ("int8", int8.path), ("weights_only", weights_only))}
         logits = {name: np.concatenate([s.run(None, {s.get_inputs()[0].name: batch[i:i + 16]})[0]
                                         for i in range(0, len(batch), 16)])
                   for name, s in sessions.items()}
@@ -142,11 +165,13 @@ def main() -> None:
         int8_in_top5 = float(np.mean([logits["int8"][i].argmax() in top5[i] for i in range(len(batch))]))
         confidence = torch.from_numpy(logits["fp32"]).softmax(-1).max(-1).values.numpy()
         agrees = logits["fp32"].argmax(-1) == logits["int8"].argmax(-1)
+        weights_agree = logits["fp32"].argmax(-1) == logits["weights_only"].argmax(-1)
         confident = confidence > 0.5
         classes = len(set(logits["fp32"].argmax(-1).tolist()))
         speed = {}
         for size in (1, 16):
-            for name, session in sessions.items():
+            for name in ("fp32", "int8"):
+                session = sessions[name]
                 speed[(name, size)] = size / timed(session, batch[:size], args.min_seconds)
         sizes = {name: Path(path).stat().st_size / 2**20 for name, path in (("fp32", fp32.path), ("int8", int8.path))}
     lines = [
@@ -164,6 +189,8 @@ def main() -> None:
         f"| top-1 agreement on the {int(confident.sum())} crops fp32 classifies with probability > 0.5 | "
         f"**{float(agrees[confident].mean()):.3f}** |",
         f"| int8 top-1 within fp32's top-5 | {int8_in_top5:.3f} |",
+        f"| top-1 agreement, int8-rounded weights with float activations (no calibration involved) | "
+        f"{float(weights_agree.mean()):.3f} (p > 0.5: {float(weights_agree[confident].mean()):.3f}) |",
         f"| fp32 ONNX vs eager top-1 agreement | {fp32_vs_eager:.3f} |",
         f"| size fp32 / int8 (MiB) | {sizes['fp32']:.1f} / {sizes['int8']:.1f} |",
         f"| img/s batch 1: fp32 / int8 | {speed[('fp32', 1)]:.1f} / {speed[('int8', 1)]:.1f} "
@@ -172,8 +199,11 @@ def main() -> None:
         f"({speed[('int8', 16)] / speed[('fp32', 16)]:.2f}x) |", "",
         "Most disagreements are crops the fp32 net itself barely decides (several photos are not ImageNet",
         "subjects: a deep-field image, a stained tissue, a retina, a colour wheel); where fp32 is confident,",
-        "int8 mostly agrees (the row above), short of 99%. Percentile or entropy calibration instead of min/max, symmetric activations, or the",
-        "first and last layers left in float changed the overall agreement by at most 0.005 (or lowered it).",
+        "int8 mostly agrees (the row above), short of 99%. Percentile or entropy calibration instead of min/max,",
+        "symmetric activations, 256 calibration crops, or the first and last layers (or the 1280-channel head)",
+        "left in float changed the overall agreement by at most 0.01. The weights-only row says why: rounding",
+        "the kernels to int8 alone, with every activation still float, already flips about as many crops, so",
+        "the disagreements are the 8-bit weight grid on near-tied crops, not the calibration.",
         ""]
     report = "\n".join(lines)
     print(report)
