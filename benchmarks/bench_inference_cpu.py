@@ -192,7 +192,7 @@ def run_lockstep(commands: dict[str, list[str]], args: argparse.Namespace) -> tu
     rotating too, 0.2 s idle before each request) for >= --min_rounds rounds and >= --min_seconds
     per runtime. Returns each runtime's summary record and the per-round step times; a runtime whose
     worker fails to start is reported and left out."""
-    from bench_nets_cpu import LockstepWorker
+    from bench_nets_cpu import LockstepWorker, step_in_rotation
 
     workers = {runtime: LockstepWorker(runtime, command, worker_environment(args))
                for runtime, command in commands.items()}
@@ -203,18 +203,8 @@ def run_lockstep(commands: dict[str, list[str]], args: argparse.Namespace) -> tu
             except RuntimeError as failure:
                 print(f"  {runtime}: failed ({str(failure).strip().splitlines()[-1:]})", flush=True)
                 workers.pop(runtime).process.kill()
-        rounds: list[dict[str, float]] = []
-        started = time.perf_counter()
-        while workers and (len(rounds) < args.min_rounds
-                           or time.perf_counter() - started < args.min_seconds * len(workers)):
-            names = list(workers)
-            shift = len(rounds) % len(names)
-            step_times = {}
-            for runtime in names[shift:] + names[:shift]:
-                time.sleep(LOCKSTEP_GAP_S)
-                step_times[runtime] = workers[runtime].step()
-            rounds.append(step_times)
-        records = {runtime: worker.finish() for runtime, worker in workers.items()}
+        records, rounds = step_in_rotation(workers, args.min_rounds, args.min_seconds * len(workers),
+                                           LOCKSTEP_GAP_S)
     finally:
         for worker in workers.values():
             if worker.process.poll() is None:

@@ -340,6 +340,24 @@ class LockstepWorker:
         return record
 
 
+def step_in_rotation(workers: dict[str, LockstepWorker], min_rounds: int, min_seconds: float,
+                     gap: float) -> tuple[dict[str, dict], list[dict[str, float]]]:
+    """Step every ready worker once per round, the first of each round rotating, after `gap` idle
+    seconds (the previous worker's threads stop spinning), for >= min_rounds rounds and >=
+    min_seconds; then finish them. Returns each worker's summary record and the rounds' step times."""
+    rounds: list[dict[str, float]] = []
+    started = time.perf_counter()
+    while workers and (len(rounds) < min_rounds or time.perf_counter() - started < min_seconds):
+        names = list(workers)
+        shift = len(rounds) % len(names)
+        step_times = {}
+        for name in names[shift:] + names[:shift]:
+            time.sleep(gap)
+            step_times[name] = workers[name].step()
+        rounds.append(step_times)
+    return {name: worker.finish() for name, worker in workers.items()}, rounds
+
+
 def run_lockstep(net: str, mode: str, batch: int, args: argparse.Namespace) -> dict[str, dict]:
     """Both frameworks' workers alive at once, stepping in alternation (the first of each pair
     alternating too), so that a machine whose speed drifts over minutes (shared cloud cores) slows
@@ -350,16 +368,7 @@ def run_lockstep(net: str, mode: str, batch: int, args: argparse.Namespace) -> d
     try:
         for worker in workers.values():
             worker.wait_ready()
-        pairs: list[dict[str, float]] = []
-        started = time.perf_counter()
-        while len(pairs) < args.min_steps or time.perf_counter() - started < 2 * args.min_seconds:
-            order = ("slimtune", "tf-slim") if len(pairs) % 2 == 0 else ("tf-slim", "slimtune")
-            pair = {}
-            for framework in order:
-                time.sleep(args.lockstep_gap)  # let the other side's idle threads stop spinning
-                pair[framework] = workers[framework].step()
-            pairs.append(pair)
-        records = {framework: worker.finish() for framework, worker in workers.items()}
+        records, pairs = step_in_rotation(workers, args.min_steps, 2 * args.min_seconds, args.lockstep_gap)
     finally:
         for worker in workers.values():
             if worker.process.poll() is None:
