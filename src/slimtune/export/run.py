@@ -102,6 +102,8 @@ def export(checkpoint_path: str, fmt: str, output: str, *, model_name: Optional[
     _say(f"inference graph: {stats['folded']} BatchNorms folded into convolutions, {stats['affine']} standalone "
          f"BatchNorms as per-channel scale+shift, {stats['dropout_removed']} dropouts removed, "
          f"{stats['aux_heads_removed']} auxiliary heads dropped", quiet)
+    if fmt in ("torchscript", "exported-program"):
+        infer.use_channels_last()
     if with_preprocessing:
         from .preprocess_graph import export_with_preprocessing
 
