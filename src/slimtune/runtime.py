@@ -123,4 +123,9 @@ def inference_layout(model: nn.Module, channels_last: bool = True) -> Callable[[
     if not channels_last:
         return lambda images: images
     model.to(memory_format=torch.channels_last)
-    return lambda images: images.contiguous(memory_format=torch.channels_last) if images.dim() == 4 else images
+    return channels_last_batch
+
+
+def channels_last_batch(images: torch.Tensor) -> torch.Tensor:
+    """A [N, C, H, W] batch in channels-last order (a tensor of another rank as it is)."""
+    return images.contiguous(memory_format=torch.channels_last) if images.dim() == 4 else images

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from ..errors import ConfigError
 from ..nets.layers import BatchNorm
 from ..nets.registry import ModelSpec, get_model_spec
+from ..runtime import channels_last_batch, inference_layout
 
 #: slim's eval preprocessing as (mean, std) per channel where it is one: x_float = (x_uint8 - mean) / std.
 PREPROCESSING_NORMALIZATION: dict[str, tuple[list[float], list[float]]] = {
@@ -231,14 +232,14 @@ class InferenceModel(nn.Module):
         layout a graph was captured in, and oneDNN's CPU convolutions run faster channels-last (a
         traced resnet_v1_50 at batch 16: 19.5 -> 28.7 img/s on 2 cores). Not for ONNX, which has no
         layouts (its runtime picks its own)."""
-        self.net.to(memory_format=torch.channels_last)
+        inference_layout(self.net)
         self.channels_last = True
         return self
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Logits [N, C] and their softmax (sigmoid when multi-label)."""
-        if self.channels_last and x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
+        if self.channels_last:
+            x = channels_last_batch(x)
         logits = self.net(x)
         probabilities = torch.sigmoid(logits) if self.multi_label else torch.softmax(logits, dim=-1)
         return logits, probabilities
