@@ -39,6 +39,10 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+# The lockstep worker protocol and ratio helpers of the network benchmark (this script's folder is on
+# sys.path when it runs, and tests put it there).
+from bench_nets_cpu import LockstepWorker, paired_ratio, ratio, step_in_rotation
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 DEFAULT_NETS = ("resnet_v1_50", "mobilenet_v1", "inception_v3")
@@ -192,8 +196,6 @@ def run_lockstep(commands: dict[str, list[str]], args: argparse.Namespace) -> tu
     rotating too, 0.2 s idle before each request) for >= --min_rounds rounds and >= --min_seconds
     per runtime. Returns each runtime's summary record and the per-round step times; a runtime whose
     worker fails to start is reported and left out."""
-    from bench_nets_cpu import LockstepWorker, step_in_rotation
-
     workers = {runtime: LockstepWorker(runtime, command, worker_environment(args))
                for runtime, command in commands.items()}
     try:
@@ -210,13 +212,6 @@ def run_lockstep(commands: dict[str, list[str]], args: argparse.Namespace) -> tu
             if worker.process.poll() is None:
                 worker.process.kill()
     return records, rounds
-
-
-def paired_ratio(rounds: list[dict[str, float]], faster: str, slower: str) -> Optional[float]:
-    """Median over rounds of (step time of `slower`) / (step time of `faster`): how many times
-    faster `faster` ran than `slower`, each round's two steps taken seconds apart."""
-    pairs = [r[slower] / r[faster] for r in rounds if faster in r and slower in r]
-    return statistics.median(pairs) if pairs else None
 
 
 def run_worker(python: str, runtime: str, file: str, batch: int, args: argparse.Namespace) -> Optional[float]:
@@ -314,7 +309,6 @@ def main() -> None:
         print(json.dumps(worker(args)), flush=True)
         return
     sys.path.insert(0, str(REPO / "src"))
-    sys.path.insert(0, str(HERE))
     from slimtune.nets.registry import list_models
 
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench_inference_"))
@@ -366,11 +360,6 @@ def main() -> None:
     for net, _, _, report in rows:
         print(f"{net} int8 ONNX: {report.get('int8_bytes', 0) / 1e6:.1f} MB vs fp32 {report.get('fp32_bytes', 0) / 1e6:.1f} MB, "
               f"top-1 agreement with fp32 {report.get('top1_agreement')} on {report.get('calibration_images')} photo crops")
-
-
-def ratio(numerator: Optional[float], denominator: Optional[float]) -> Optional[float]:
-    """numerator / denominator, or None when either is missing."""
-    return numerator / denominator if numerator and denominator else None
 
 
 if __name__ == "__main__":

@@ -373,8 +373,15 @@ def run_lockstep(net: str, mode: str, batch: int, args: argparse.Namespace) -> d
         for worker in workers.values():
             if worker.process.poll() is None:
                 worker.process.kill()
-    records["slimtune"]["paired_ratio"] = statistics.median(p["tf-slim"] / p["slimtune"] for p in pairs)
+    records["slimtune"]["paired_ratio"] = paired_ratio(pairs, "slimtune", "tf-slim")
     return records
+
+
+def paired_ratio(rounds: list[dict[str, float]], faster: str, slower: str) -> Optional[float]:
+    """Median over lockstep rounds of (step time of `slower`) / (step time of `faster`): how many
+    times faster `faster` ran than `slower`, each round's steps taken seconds apart."""
+    pairs = [r[slower] / r[faster] for r in rounds if faster in r and slower in r]
+    return statistics.median(pairs) if pairs else None
 
 
 def ratio(numerator: Optional[float], denominator: Optional[float]) -> Optional[float]:

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from slimtune.cli import main
 from slimtune.export import FORMATS, export
@@ -22,6 +21,8 @@ from slimtune.export import run as export_run
 from slimtune.export.verify import VerificationError
 from slimtune.nets.layers import BatchNorm
 from slimtune.nets.registry import get_model_spec, list_models
+
+from layout_support import ConvInputLayouts
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -361,21 +362,6 @@ def test_auxiliary_heads_and_dropout_are_left_out_of_the_exported_graph(tmp_path
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 
-class _ConvInputLayouts(TorchDispatchMode):
-    """Whether each convolution's input (a 4-D map with more than one channel and pixel) was channels-last."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.channels_last: list[bool] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        x = args[0] if args else None
-        if "conv" in func.__name__ and isinstance(x, torch.Tensor) and x.dim() == 4 and x.shape[1] > 1 \
-                and x.shape[2] * x.shape[3] > 1:
-            self.channels_last.append(x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("fmt", ["torchscript", "exported-program"])
 def test_torch_graphs_run_channels_last_on_an_nchw_input(fmt, tmp_path):
     run = write_run(tmp_path, "cifarnet", 32)
@@ -384,7 +370,7 @@ def test_torch_graphs_run_channels_last_on_an_nchw_input(fmt, tmp_path):
     assert result.comparison.max_abs_diff <= 1e-4 * result.comparison.largest_logit
     module = torch.jit.load(str(out)) if fmt == "torchscript" else torch.export.load(str(out)).module()
     x = torch.randn(3, 3, 32, 32)
-    with torch.no_grad(), _ConvInputLayouts() as layouts:
+    with torch.no_grad(), ConvInputLayouts() as layouts:
         logits, _ = module(x)
-    assert layouts.channels_last and all(layouts.channels_last)
+    assert layouts.all_channels_last()
     assert logits.shape == (3, CLASSES)

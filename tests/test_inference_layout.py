@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -21,28 +20,7 @@ from slimtune.nets.registry import get_model_spec
 from slimtune.predict import predict
 from slimtune.probe import extract_features as probe_features
 
-
-class _ConvInputLayouts:
-    """Records, for every F.conv2d call on a map whose layout is unambiguous (more than one channel
-    and pixel), whether the input was channels-last."""
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.channels_last: list[bool] = []
-        original = F.conv2d
-
-        def spy(x, *args, **kwargs):
-            if x.dim() == 4 and x.shape[1] > 1 and x.shape[2] * x.shape[3] > 1:
-                self.channels_last.append(x.is_contiguous(memory_format=torch.channels_last)
-                                          and not x.is_contiguous())
-            return original(x, *args, **kwargs)
-
-        monkeypatch.setattr(F, "conv2d", spy)
-
-    def all_channels_last(self) -> bool:
-        return bool(self.channels_last) and all(self.channels_last)
-
-    def none_channels_last(self) -> bool:
-        return bool(self.channels_last) and not any(self.channels_last)
+from layout_support import ConvInputLayouts
 
 
 def _net(name: str = "cifarnet", classes: int = 2):
@@ -59,44 +37,42 @@ def _photos(folder: Path, count: int = 6) -> Path:
     return folder
 
 
-def test_evaluate_runs_channels_last_with_the_same_scores(monkeypatch, tmp_path) -> None:
+def test_evaluate_runs_channels_last_with_the_same_scores(tmp_path) -> None:
     source = build_source("folder", str(_photos(tmp_path / "photos")), "train")
     spec = get_model_spec("cifarnet")
     runs = {}
     for channels_last in (False, True):
-        layouts = _ConvInputLayouts(monkeypatch)
-        runs[channels_last] = evaluate_model(_net(), source, spec, image_size=32, batch_size=4,
-                                             return_scores=True, channels_last=channels_last)
+        with ConvInputLayouts() as layouts:
+            runs[channels_last] = evaluate_model(_net(), source, spec, image_size=32, batch_size=4,
+                                                 return_scores=True, channels_last=channels_last)
         assert (layouts.all_channels_last() if channels_last else layouts.none_channels_last())
-        monkeypatch.undo()
     np.testing.assert_allclose(runs[True]["_scores"], runs[False]["_scores"], rtol=1e-5, atol=1e-5)
 
 
-def test_predict_features_and_probe_run_channels_last(monkeypatch, tmp_path) -> None:
+def test_predict_features_and_probe_run_channels_last(tmp_path) -> None:
     photos = _photos(tmp_path / "photos")
     model = _net()
     weights = tmp_path / "model.ckpt-1.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights),
               metadata={"model_name": "cifarnet", "num_classes": "2", "format": "slimtune", "step": "1",
                         "image_size": "32"})
-    layouts = _ConvInputLayouts(monkeypatch)
-    predictions = predict(str(weights), [str(photos)], top_k=1, device="cpu")
+    with ConvInputLayouts() as layouts:
+        predictions = predict(str(weights), [str(photos)], top_k=1, device="cpu")
     assert len(predictions) == 6 and all(p.error is None for p in predictions)
     assert layouts.all_channels_last()
 
     images = [torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(i)) for i in range(3)]
-    layouts = _ConvInputLayouts(monkeypatch)
-    got = extract_features(_net(), "conv2", images, batch_size=2)
+    with ConvInputLayouts() as layouts:
+        got = extract_features(_net(), "conv2", images, batch_size=2)
     assert layouts.all_channels_last()
     assert got.is_contiguous()  # features come back in the ordinary layout
-    monkeypatch.undo()
     plain = extract_features(_net(), "conv2", images, batch_size=2, channels_last=False)
     torch.testing.assert_close(got, plain, rtol=1e-5, atol=1e-5)
 
-    layouts = _ConvInputLayouts(monkeypatch)
     source = build_source("folder", str(photos), "train")
-    features = probe_features(_net(), source, get_model_spec("cifarnet"), ["conv2"], tmp_path / "cache", "k",
-                              preprocessing_name="cifarnet", image_size=32, batch_size=4, num_workers=0,
-                              labels_offset=0, device=torch.device("cpu"))
+    with ConvInputLayouts() as layouts:
+        features = probe_features(_net(), source, get_model_spec("cifarnet"), ["conv2"], tmp_path / "cache", "k",
+                                  preprocessing_name="cifarnet", image_size=32, batch_size=4, num_workers=0,
+                                  labels_offset=0, device=torch.device("cpu"))
     assert features.forward_passes == 2
     assert layouts.all_channels_last()
