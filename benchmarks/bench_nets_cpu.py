@@ -118,9 +118,11 @@ def torch_worker(args: argparse.Namespace) -> dict[str, Any]:
     """Build the slimtune net and time its forward or training step."""
     import torch
 
+    from slimtune.compiled_inference import CompiledInference
     from slimtune.malloc import reuse_freed_memory
     from slimtune.nets.registry import create_model, get_model_spec
     from slimtune.train.freeze import decay_groups
+    from slimtune.train.mechanics import autocast_dtype
     from slimtune.train.losses import softmax_loss
     from slimtune.train.optimizers import build_optimizer
 
@@ -141,13 +143,25 @@ def torch_worker(args: argparse.Namespace) -> dict[str, Any]:
     model = model.to(memory_format=memory_format)
     images = torch.randn(args.batch, 3, args.image_size, args.image_size).contiguous(memory_format=memory_format)
     labels = torch.randint(0, num_classes, (args.batch,))
-    runner = torch.compile(model) if args.compile else model
+    # --compile: forward as `slimtune eval/predict --compile` runs it (frozen weights, checked against
+    # eager on the first warm-up step), training as `slimtune train --compile`.
+    if not args.compile:
+        runner = model
+    elif args.mode == "forward":
+        runner = CompiledInference(model.eval(), args.batch)
+    else:
+        runner = torch.compile(model)
+    # --precision bf16: the autocast `slimtune train --precision bf16` runs under.
+    precision = autocast_dtype(args.precision, False, torch.device("cpu"))
+
+    def autocast() -> torch.autocast:
+        return torch.autocast("cpu", dtype=precision or torch.float32, enabled=precision is not None)
 
     if args.mode == "forward":
         model.eval()
 
         def step() -> None:
-            with torch.no_grad():
+            with torch.no_grad(), autocast():
                 runner(images)
     else:
         model.train()
@@ -155,8 +169,11 @@ def torch_worker(args: argparse.Namespace) -> dict[str, Any]:
                                     momentum=MOMENTUM)
 
         def step() -> None:
-            logits, end_points = runner(images, with_end_points=True)
-            loss = softmax_loss(logits, labels, aux_logits=end_points.get("AuxLogits"), aux_weight=AUX_LOSS_WEIGHT)
+            with autocast():
+                logits, end_points = runner(images, with_end_points=True)
+            aux = end_points.get("AuxLogits")
+            loss = softmax_loss(logits.float(), labels, aux_logits=aux.float() if aux is not None else None,
+                                aux_weight=AUX_LOSS_WEIGHT)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -164,6 +181,9 @@ def torch_worker(args: argparse.Namespace) -> dict[str, Any]:
     times = measure(step, args)
     return summarize(times, args.batch, {"framework": "slimtune", "torch": torch.__version__,
                                          "memory_format": args.memory_format, "compile": args.compile,
+                                         "precision": args.precision,
+                                         # "compiled", or "eager: why" when the first-batch check fell back
+                                         "compiled_forward": getattr(runner, "status", None),
                                          "mkldnn": torch.backends.mkldnn.enabled,
                                          "malloc_reuse": allocator_tuned,
                                          "threads": torch.get_num_threads()})
@@ -224,12 +244,20 @@ def tf_worker(args: argparse.Namespace) -> dict[str, Any]:
         init = tf.global_variables_initializer()
     config = tf.ConfigProto(intra_op_parallelism_threads=args.threads,
                             inter_op_parallelism_threads=args.tf_inter_op)
+    if args.precision == "bf16":
+        # TF's own CPU mixed precision: grappler rewrites the graph to run oneDNN's bfloat16 kernels
+        # where numerically safe (the TF counterpart of torch.autocast on CPU).
+        from tensorflow.core.protobuf import rewriter_config_pb2
+
+        config.graph_options.rewrite_options.auto_mixed_precision_onednn_bfloat16 = \
+            rewriter_config_pb2.RewriterConfig.ON
     with tf.Session(graph=graph, config=config) as sess:
         sess.run(init)
         times = measure(lambda: sess.run(target), args)
     return summarize(times, args.batch, {"framework": "tf-slim", **env.versions,
                                          "onednn_opts": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "default (on)"),
                                          "threads": args.threads, "inter_op": args.tf_inter_op,
+                                         "precision": args.precision,
                                          "malloc_reuse": allocator_tuned})
 
 
@@ -284,7 +312,8 @@ def worker_command(python: str, framework: str, net: str, mode: str, batch: int,
                "--threads", str(args.threads), "--warmup", str(args.warmup), "--min_steps", str(args.min_steps),
                "--min_seconds", str(args.min_seconds), "--slim_src", args.slim_src,
                "--slim_src_v3", args.slim_src_v3,
-               "--tf_inter_op", str(args.tf_inter_op), "--memory_format", args.memory_format]
+               "--tf_inter_op", str(args.tf_inter_op), "--memory_format", args.memory_format,
+               "--precision", args.precision]
     for flag in ("compile", "no_mkldnn", "system_malloc"):
         if getattr(args, flag):
             command.append(f"--{flag}")
@@ -410,7 +439,7 @@ def render(results: dict, args: argparse.Namespace, machine: dict[str, Any]) -> 
              f"- TF-Slim: tensorflow {machine.get('tensorflow', '?')}, tf_slim {machine.get('tf_slim', '?')}, "
              f"research/slim {machine.get('slim_src_revision', '?')}, inter_op threads {args.tf_inter_op}, "
              f"TF_ENABLE_ONEDNN_OPTS {machine.get('onednn_opts', '?')}",
-             f"- input {args.image_size}x{args.image_size}x3 float32 (Inception nets at their "
+             f"- input {args.image_size}x{args.image_size}x3 float32, compute {args.precision} (Inception nets at their "
              f"{NET_IMAGE_SIZE['inception_v3']}), constant in memory; train step = forward + "
              f"softmax CE + backward + momentum {MOMENTUM} SGD, weight decay {WEIGHT_DECAY} on kernels",
              f"- {args.warmup} warm-up steps, then >= {args.min_steps} steps and >= {args.min_seconds:.0f} s; "
@@ -432,7 +461,8 @@ def render(results: dict, args: argparse.Namespace, machine: dict[str, Any]) -> 
     for net, entry in results.items():
         for key, record in entry["records"].items():
             lines.append(f"- {net} {key}: {record['median_step_s']:.3f} [{record['min_step_s']:.3f}, "
-                         f"{record['max_step_s']:.3f}] over {record['steps']} steps")
+                         f"{record['max_step_s']:.3f}] over {record['steps']} steps"
+                         + (f" ({record['compiled_forward']})" if record.get("compiled_forward") else ""))
     return "\n".join(lines) + "\n"
 
 
@@ -467,7 +497,8 @@ def drive(args: argparse.Namespace) -> None:
                     print(f"{net:14s} {framework:8s} {mode:7s} {record['images_per_sec']:8.2f} img/s "
                           f"(median step {record['median_step_s']:.3f} s, {record['steps']} steps, "
                           f"load {load_average():.2f})"
-                          + (f", paired ratio {record['paired_ratio']:.3f}x" if "paired_ratio" in record else ""),
+                          + (f", paired ratio {record['paired_ratio']:.3f}x" if "paired_ratio" in record else "")
+                          + (f", {record['compiled_forward']}" if record.get("compiled_forward") else ""),
                           flush=True)
         entry: dict[str, Any] = {"batch": batch, "records": {}}
         for key, records in per_key.items():
@@ -480,6 +511,9 @@ def drive(args: argparse.Namespace) -> None:
                                      "min_step_s": min(r["min_step_s"] for r in records),
                                      "max_step_s": max(r["max_step_s"] for r in records),
                                      "steps": sum(r["steps"] for r in records)}
+            statuses = sorted({r["compiled_forward"] for r in records if r.get("compiled_forward")})
+            if statuses:  # what --compile ran: "compiled, frozen weights", "compiled" or "eager: why"
+                entry["records"][key]["compiled_forward"] = "; ".join(statuses)
         results[net] = entry
     machine["load_end"] = load_average()
     report = render(results, args, machine)
@@ -520,6 +554,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--memory_format", choices=("channels_last", "nchw"), default="channels_last",
                         help="slimtune's memory format (its trainer's default is channels_last)")
     parser.add_argument("--compile", action="store_true", help="run slimtune under torch.compile")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                        help="bf16: slimtune under CPU autocast (as --precision bf16), TF-Slim with grappler's "
+                             "auto_mixed_precision_onednn_bfloat16; both sides the same precision")
     parser.add_argument("--no_mkldnn", action="store_true", help="torch.backends.mkldnn.enabled = False")
     parser.add_argument("--system_malloc", action="store_true",
                         help="leave glibc's malloc as it is (the CLI's SLIMTUNE_MALLOC=system)")

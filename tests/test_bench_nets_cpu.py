@@ -12,16 +12,20 @@ import statistics
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-def test_lockstep_workers_step_one_at_a_time_and_summarize(monkeypatch):
+@pytest.mark.parametrize("mode,precision", [("train", "fp32"), ("forward", "bf16")])
+def test_lockstep_workers_step_one_at_a_time_and_summarize(monkeypatch, mode, precision):
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     sys.modules.pop("bench_nets_cpu", None)
     import bench_nets_cpu
 
-    args = bench_nets_cpu.parse_args(["--threads", "1", "--warmup", "1", "--image_size", "32"])
-    command = bench_nets_cpu.worker_command(sys.executable, "slimtune", "cifarnet", "train", 2, args)
+    args = bench_nets_cpu.parse_args(["--threads", "1", "--warmup", "1", "--image_size", "32",
+                                      "--precision", precision])
+    command = bench_nets_cpu.worker_command(sys.executable, "slimtune", "cifarnet", mode, 2, args)
     workers = [bench_nets_cpu.LockstepWorker(f"w{index}", command, bench_nets_cpu.worker_environment(args))
                for index in range(2)]
     try:
@@ -37,4 +41,5 @@ def test_lockstep_workers_step_one_at_a_time_and_summarize(monkeypatch):
     for index, record in enumerate(records):
         assert record["steps"] == 3  # the warm-up step is not counted, each request is one step
         assert record["framework"] == "slimtune" and record["threads"] == 1
+        assert record["precision"] == precision
         assert record["median_step_s"] == statistics.median(pair[index] for pair in times)

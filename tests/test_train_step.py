@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import slimtune.nets.lenet as lenet_module
+from slimtune import compiled_inference
 from slimtune.cli import main
 from slimtune.config import EvalConfig
 from slimtune.errors import ConfigError
@@ -154,13 +155,13 @@ def test_bf16_run_trains_lenet_on_digits_to_95_percent(tmp_path):
 
 
 def test_compile_without_a_compiler_is_one_line(monkeypatch):
-    monkeypatch.setattr(mechanics.shutil, "which", lambda name: None)
+    monkeypatch.setattr(compiled_inference.shutil, "which", lambda name: None)
     with pytest.raises(ConfigError, match="--compile on CPU needs a C.. compiler"):
-        mechanics.check_compiler(torch.device("cpu"))
+        compiled_inference.check_compiler(torch.device("cpu"))
 
 
 @pytest.mark.slow  # inductor compiles lenet's forward and backward for about a minute on 2 cores
-@pytest.mark.skipif(not any(map(mechanics.shutil.which, ("g++", "c++", "clang++"))), reason="no C++ compiler")
+@pytest.mark.skipif(not any(map(compiled_inference.shutil.which, ("g++", "c++", "clang++"))), reason="no C++ compiler")
 def test_compiled_steps_give_the_losses_of_eager_steps(tmp_path, lenet_without_dropout):
     eager = train(lenet_config(tmp_path / "eager", max_number_of_steps=4, log_every_n_steps=1, deterministic=True))
     compiled = train(lenet_config(tmp_path / "compiled", max_number_of_steps=4, log_every_n_steps=1,

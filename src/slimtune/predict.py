@@ -15,6 +15,7 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 import torch
 
+from .compiled_inference import inference_forward
 from .data.decode import BadImageError, decode_image
 from .data.folder import expand_inputs
 from .errors import ConfigError
@@ -54,15 +55,20 @@ def _class_names(meta: dict[str, str], weights: Path, count: int) -> list[str]:
 def predict(checkpoint_path: Optional[str], inputs: Sequence[str], *, model_name: Optional[str] = None, top_k: int = 5,
             batch_size: int = 32, image_size: Optional[int] = None, preprocessing_name: Optional[str] = None,
             threshold: Optional[float] = None, device: str = "auto", on_bad_image: str = "skip",
-            model: Optional[str] = None, moving_average: bool = True) -> list[Prediction]:
+            model: Optional[str] = None, moving_average: bool = True, compile: bool = False) -> list[Prediction]:
     """Predict labels for every input image with a trained checkpoint (file or train_dir), or with an
     exported model file (`model`: .onnx, run in onnxruntime with the file's own metadata).
-    A run's moving-average weights are used when it saved some, unless `moving_average` is False."""
+    A run's moving-average weights are used when it saved some, unless `moving_average` is False.
+    `compile` runs the checkpoint's forward compiled (compiled_inference.CompiledInference)."""
     if top_k < 1:
         raise ConfigError("--top_k must be >= 1")
+    if batch_size < 1:
+        raise ConfigError("--batch_size must be >= 1")
     if model is not None:
         if checkpoint_path:
             raise ConfigError("give --checkpoint_path or --model, not both")
+        if compile:
+            raise ConfigError("--compile applies to checkpoints; an exported .onnx runs in onnxruntime: drop --compile")
         return predict_exported(model, inputs, top_k=top_k, batch_size=batch_size, threshold=threshold,
                                 on_bad_image=on_bad_image)
     if not checkpoint_path:
@@ -70,6 +76,7 @@ def predict(checkpoint_path: Optional[str], inputs: Sequence[str], *, model_name
     torch_device = pick_device(device)
     model, spec, meta, weights = load_for_eval(checkpoint_path, model_name, None, torch_device, moving_average)
     layout = inference_layout(model)
+    forward = inference_forward(model, compile, batch_size, torch_device)
     paths = expand_inputs(inputs)
     multi_label = meta.get("multi_label") == "true"
     names = _class_names(meta, weights, model.num_classes)
@@ -100,7 +107,7 @@ def predict(checkpoint_path: Optional[str], inputs: Sequence[str], *, model_name
         if not tensors:
             continue
         with torch.no_grad():
-            logits = model(layout(torch.stack(tensors).to(torch_device))).float().cpu()
+            logits = forward(layout(torch.stack(tensors).to(torch_device))).float().cpu()
         for path, row in zip(kept, logits):
             predictions.append(Prediction(str(path), _labels(row, names, multi_label, top_k, thresholds)))
     order = {str(p): i for i, p in enumerate(paths)}

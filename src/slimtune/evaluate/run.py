@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..compiled_inference import inference_forward
 from ..config import EvalConfig
 from ..data import build_source, resolve_split
 from ..data.loader import build_loader
@@ -36,9 +37,13 @@ def evaluate_model(model: nn.Module, source: Any, spec: ModelSpec, *, preprocess
                    multi_label: bool = False, num_workers: int = 0, labels_offset: int = 0,
                    use_grayscale: bool = False, max_num_batches: Optional[int] = None,
                    thresholds: Any = 0.5, on_bad_image: str = "skip", with_curves: bool = False,
-                   return_scores: bool = False, channels_last: bool = True) -> dict[str, Any]:
+                   return_scores: bool = False, channels_last: bool = True, compile: bool = False) -> dict[str, Any]:
     """Run `model` over every sample of `source` once and return the metrics (in the channels-last
-    layout unless `channels_last` is False: see runtime.inference_layout)."""
+    layout unless `channels_last` is False: see runtime.inference_layout).
+
+    `compile` runs the forward compiled with frozen weights (compiled_inference.CompiledInference,
+    checked against the eager model on the first batch); only for weights that no longer change,
+    so never during training. results["forward"] then says whether it ran compiled."""
     device = torch.device(device)
     size = image_size or spec.default_image_size
     preprocess = get_preprocessing(preprocessing_name or spec.preprocessing, is_training=False,
@@ -53,6 +58,7 @@ def evaluate_model(model: nn.Module, source: Any, spec: ModelSpec, *, preprocess
     was_training = model.training
     model.eval()
     layout = inference_layout(model, channels_last)
+    forward = inference_forward(model, compile, batch_size, device)
     skipped: list[str] = []
     seen: list[np.ndarray] = []
     all_scores: list[np.ndarray] = []
@@ -64,7 +70,7 @@ def evaluate_model(model: nn.Module, source: Any, spec: ModelSpec, *, preprocess
             skipped.extend(batch.bad)
             if len(batch) == 0:
                 continue
-            logits = model(layout(batch.images.to(device))).float()
+            logits = forward(layout(batch.images.to(device))).float()
             scores = torch.sigmoid(logits) if multi_label else logits
             if multi_label:
                 accumulator.update(scores.cpu().numpy(), batch.targets.numpy())
@@ -86,6 +92,8 @@ def evaluate_model(model: nn.Module, source: Any, spec: ModelSpec, *, preprocess
         results = accumulator.compute()
     results.update({"num_skipped": len(skipped), "skipped": skipped[:100],
                     "seconds": round(time.time() - start, 3)})
+    if compile:
+        results["forward"] = forward.status
     if return_scores:
         results["_scores"] = np.concatenate(all_scores) if all_scores else np.zeros((0, num_classes))
         results["_indices"] = indices
@@ -188,7 +196,7 @@ def evaluate_checkpoint(config: EvalConfig, checkpoint: Optional[Path] = None) -
                              num_workers=default_num_workers(config.num_workers), labels_offset=config.labels_offset,
                              use_grayscale=config.use_grayscale, max_num_batches=config.max_num_batches,
                              thresholds=thresholds, on_bad_image=config.on_bad_image, with_curves=config.report,
-                             return_scores=multi_label and config.thresholds == "tune")
+                             return_scores=multi_label and config.thresholds == "tune", compile=config.compile)
     if multi_label and config.thresholds == "tune":
         results["tuning"] = _tune_and_save(results, source, weights, split, _dataset_label(config), thresholds)
         results["tuned_thresholds"] = results["tuning"]["thresholds"]

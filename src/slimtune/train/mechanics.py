@@ -6,13 +6,13 @@ on their own.
 
 from __future__ import annotations
 
-import shutil
 import sys
 from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
 
+from ..compiled_inference import check_compiler  # noqa: F401  (the loop's --compile check)
 from ..errors import ConfigError
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -49,13 +49,6 @@ def autocast_dtype(precision: str, amp: bool, device: torch.device) -> Optional[
         print("slimtune: warning: this processor has no bfloat16 instructions (avx512_bf16 or AMX): "
               "--precision bf16 runs emulated, usually slower than fp32", file=sys.stderr, flush=True)
     return torch.bfloat16
-
-
-def check_compiler(device: torch.device) -> None:
-    """torch.compile on CPU generates C++: refuse in one line when no compiler is on PATH."""
-    if device.type == "cpu" and not any(shutil.which(name) for name in ("g++", "c++", "clang++", "cc", "gcc")):
-        raise ConfigError("--compile on CPU needs a C++ compiler (g++ or clang++) on PATH; install one or "
-                          "drop --compile")
 
 
 def micro_batch_groups(batches: Iterable[Any], size: int) -> Iterator[list[Any]]:
