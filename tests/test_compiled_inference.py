@@ -4,6 +4,7 @@ computes other logits is replaced by the eager model with one warning line."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -174,7 +175,7 @@ def test_a_graph_that_fails_to_build_or_gives_nan_falls_back(monkeypatch, capsys
         forward(torch.rand(3, 3, 32, 32))
 
 
-def test_predict_compile_runs_the_checkpoint_through_one_compiled_forward(monkeypatch, tmp_path, capsys) -> None:
+def test_predict_and_eval_compile_run_the_checkpoint_through_one_compiled_forward(monkeypatch, tmp_path, capsys) -> None:
     photos = _photos(tmp_path / "photos")
     weights = _checkpoint(tmp_path)
     eager = predict(str(weights), [str(photos)], top_k=2, batch_size=4, device="cpu")
@@ -184,6 +185,11 @@ def test_predict_compile_runs_the_checkpoint_through_one_compiled_forward(monkey
     assert [p.to_json() for p in compiled] == [p.to_json() for p in eager]
     assert main(["predict", "--checkpoint_path", str(weights), "--compile", "--format", "json", str(photos)]) == 0
     assert len(asked) == 2
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint_path", str(weights), "--dataset_dir", str(photos), "--dataset_split_name",
+                 "train", "--num_workers", "0", "--noreport", "--compile"]) == 0
+    assert len(asked) == 3
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["forward"] == "compiled, frozen weights"
 
 
 def test_compile_refusals_are_one_line(tmp_path, capsys) -> None:

@@ -43,7 +43,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     print(f"results: {results['results_file']}" + (f"\nreport: {results['report_file']}"
                                                    if results.get("report_file") else ""), file=sys.stderr)
     summary = {k: results[k] for k in ("Accuracy", "Recall_5", "mAP", "mAP_voc07", "num_samples", "num_skipped",
-                                       "results_file") if k in results}
+                                       "forward", "results_file") if k in results}
     print(json.dumps(summary))
     return 0
 
