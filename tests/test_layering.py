@@ -21,7 +21,7 @@ PACKAGE = Path(slimtune.__file__).parent
 # Lowest first. A unit may import units of its own tier or below; never above.
 TIERS: list[set[str]] = [
     {"errors", "utils", "malloc"},
-    {"config", "runtime", "checkpoint", "data", "preprocessing", "testing"},
+    {"config", "runtime", "compiled_inference", "checkpoint", "data", "preprocessing", "testing"},
     {"nets"},
     {"evaluate", "train", "predict", "features", "export", "probe"},
     {"demo", "cli", "__main__"},

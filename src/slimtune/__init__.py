@@ -6,8 +6,8 @@
 
 Imports flow one way, bottom to top (tests/test_layering.py checks it, lazy imports included):
     0  errors, utils, malloc
-    1  config, runtime (device, DDP, seeding), checkpoint (readers, restore, run checkpoints in a
-       train_dir), data, preprocessing
+    1  config, runtime (device, DDP, seeding), compiled_inference (--compile for eval/predict),
+       checkpoint (readers, restore, run checkpoints in a train_dir), data, preprocessing
     2  nets
     3  evaluate, train (which may evaluate during training), predict, features, probe
     4  demo, cli
