@@ -86,24 +86,36 @@ def _freezing() -> bool:
     return config.freezing
 
 
-def test_a_graph_with_other_logits_falls_back_to_eager_in_one_line(monkeypatch, capsys) -> None:
-    seen = []
+def _scaled_compile(monkeypatch, factor):
+    """torch.compile replaced by a graph computing model(x) * factor(freezing); returns the
+    (batch size, freezing) of each compiled call and the torch.compile calls."""
+    calls: list = []
 
     def make(model):
         def run(x):
-            seen.append(_freezing())
-            return model(x) * 1.01  # 1% off
+            calls.append((x.shape[0], _freezing()))
+            return model(x) * factor(_freezing())
         return run
 
-    asked = _fake_compile(monkeypatch, make)
+    return calls, _fake_compile(monkeypatch, make)
+
+
+def _two_batches(forward: CompiledInference, model) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the second call's output, the eager model's) for batches of 3 then 2 channels-last images."""
+    images = torch.rand(3, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        forward(images)
+        return forward(images[:2]), model(images[:2])
+
+
+def test_a_graph_with_other_logits_falls_back_to_eager_in_one_line(monkeypatch, capsys) -> None:
+    calls, asked = _scaled_compile(monkeypatch, lambda freezing: 1.01)  # 1% off
     model = _net()
     forward = CompiledInference(model, batch_size=4)
-    images = torch.rand(3, 3, 32, 32)
-    with torch.no_grad():
-        expected = model(images)
-        torch.testing.assert_close(forward(images), expected, rtol=0, atol=0)
-        torch.testing.assert_close(forward(images[:2]), expected[:2], rtol=0, atol=0)  # eager from now on
-    assert [options for _, options in asked] == [{"dynamic": False}] * 2 and seen == [True, False]
+    got, expected = _two_batches(forward, model)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)  # eager from the first batch on
+    assert [options for _, options in asked] == [{"dynamic": False}] * 2
+    assert calls == [(4, True), (4, False)]  # frozen, then once more without freezing, then no more
     assert forward.status.startswith("eager: the compiled graph's logits differ")
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("slimtune: warning: --compile: the compiled graph's logits differ")
@@ -111,42 +123,25 @@ def test_a_graph_with_other_logits_falls_back_to_eager_in_one_line(monkeypatch, 
 
 
 def test_a_wrong_frozen_graph_is_compiled_again_without_freezing(monkeypatch, capsys) -> None:
-    def make(model):
-        def run(x):
-            return model(x) * (1.01 if _freezing() else 1.0)  # as torch 2.14 froze Inception-ResNet-v2
-        return run
-
-    asked = _fake_compile(monkeypatch, make)
+    # As torch 2.14 froze Inception-ResNet-v2: wrong with frozen weights, right without.
+    calls, asked = _scaled_compile(monkeypatch, lambda freezing: 1.01 if freezing else 1.0)
     model = _net()
     forward = CompiledInference(model, batch_size=4)
-    images = torch.rand(3, 3, 32, 32)
-    with torch.no_grad():
-        forward(images)
-        torch.testing.assert_close(forward(images[:2]), model(images[:2]), rtol=1e-5, atol=1e-6)  # padded to 4 rows
-    assert len(asked) == 2 and forward.status == "compiled"
+    got, expected = _two_batches(forward, model)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)  # computed padded to 4 rows
+    assert len(asked) == 2 and calls == [(4, True), (4, False), (4, False)] and forward.status == "compiled"
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("slimtune: warning: --compile: with frozen weights the compiled")
     assert lines[0].endswith("running it compiled without freezing")
 
 
 def test_a_graph_within_float_rounding_of_eager_is_kept(monkeypatch, capsys) -> None:
-    calls = []
-
-    def make(model):
-        def run(x):
-            calls.append((x.shape[0], _freezing()))
-            return model(x) * (1 + 1e-6)
-        return run
-
-    _fake_compile(monkeypatch, make)
+    calls, _ = _scaled_compile(monkeypatch, lambda freezing: 1 + 1e-6)
     model = _net()
     forward = CompiledInference(model, batch_size=4)
-    images = torch.rand(3, 3, 32, 32).contiguous(memory_format=torch.channels_last)
-    with torch.no_grad():
-        forward(images)
-        second = forward(images[:1])
-        assert forward.status == "compiled, frozen weights"
-        torch.testing.assert_close(second, model(images[:1]) * (1 + 1e-6))
+    got, expected = _two_batches(forward, model)
+    assert forward.status == "compiled, frozen weights"
+    torch.testing.assert_close(got, expected * (1 + 1e-6))
     assert calls == [(4, True), (4, True)]  # every batch padded to the compiled size
     assert capsys.readouterr().err == ""
 
