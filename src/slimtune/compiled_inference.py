@@ -87,9 +87,10 @@ class CompiledInference:
         shape and strides, so every call must look alike)."""
         layout = (torch.channels_last if images.dim() == 4 and images.is_contiguous(memory_format=torch.channels_last)
                   else torch.contiguous_format)
-        buffer = torch.zeros((self.batch_size, *images.shape[1:]), dtype=images.dtype, device=images.device)
-        buffer = buffer.contiguous(memory_format=layout)
+        buffer = torch.empty((self.batch_size, *images.shape[1:]), dtype=images.dtype, device=images.device,
+                             memory_format=layout)
         buffer[: images.shape[0]].copy_(images)
+        buffer[images.shape[0]:].zero_()
         return buffer
 
     def _first_batch(self, images: torch.Tensor) -> torch.Tensor:
