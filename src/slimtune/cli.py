@@ -163,7 +163,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
                     verify_images=args.verify_images, with_preprocessing=args.with_preprocessing, opset=args.opset,
                     quantize=args.quantize, calibration_dataset_dir=args.calibration_dataset_dir,
                     calibration_images=args.calibration_images, min_agreement=args.min_agreement,
-                    moving_average=not args.no_moving_average)
+                    moving_average=not args.no_moving_average, weight_rounding=args.weight_rounding)
     print(json.dumps({"output": str(result.path), "format": result.format,
                       "max_abs_diff": result.comparison.max_abs_diff,
                       "largest_logit": result.comparison.largest_logit,
@@ -314,6 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
     exporter.add_argument("--calibration_images", "--calibration-images", type=int, default=256)
     exporter.add_argument("--min_agreement", "--min-agreement", type=float, default=0.99,
                           help="least int8 top-1 agreement with fp32 on the calibration images")
+    exporter.add_argument("--weight_rounding", "--weight-rounding", choices=("gptq", "nearest"), default="gptq",
+                          help="int8 ONNX weights: gptq picks each weight's grid point to cancel the layer's "
+                               "error on the calibration images (default); nearest rounds each on its own")
     exporter.add_argument("--no_moving_average", "--no-moving-average", action="store_true",
                           help="export the raw weights even when the run saved moving averages (used by default)")
     return parser

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import numpy as np
 import torch
@@ -68,15 +68,16 @@ def write_onnx(model: nn.Module, example: torch.Tensor, path: Path, metadata: di
     onnx.save(proto, str(path))
 
 
-def onnx_session(path: Path, threads: Optional[int] = None):
-    """An onnxruntime CPU session for `path`."""
+def onnx_session(path: Union[Path, bytes], threads: Optional[int] = None):
+    """An onnxruntime CPU session for `path` (or a serialized model)."""
     ort = require("onnxruntime", "export", "running an ONNX model")
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
     options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    model = path if isinstance(path, bytes) else str(path)
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
 def load_onnx(path: Path) -> Runner:

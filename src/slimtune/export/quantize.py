@@ -1,7 +1,9 @@
 """int8 post-training static quantization of a verified fp32 ONNX export (onnxruntime, QDQ format).
 
 Weights int8 per channel, activations uint8, ranges calibrated (min/max) on N images of the
-user's dataset run through the net's own preprocessing. The quantized file is compared with the
+user's dataset run through the net's own preprocessing. Each weight's grid point is chosen by GPTQ
+(weight_rounding.py) to cancel the layer's output error on those images, unless nearest rounding
+is asked for. The quantized file is compared with the
 fp32 one on those images: it is written only when their top-1 predictions agree on at least
 `min_agreement` of them; the report gives both sizes, the agreement and images/s at batch 1.
 """
@@ -17,6 +19,7 @@ import numpy as np
 import torch
 
 from . import formats
+from ..errors import ConfigError
 from .verify import Comparison, VerificationError, compare
 
 
@@ -57,9 +60,17 @@ def images_per_second(session, sample: np.ndarray, batch_size: int = 1, seconds:
     return runs * batch_size / (time.perf_counter() - started)
 
 
+WEIGHT_ROUNDINGS = ("gptq", "nearest")
+
+
 def quantize_onnx(fp32_path: Path, out: Path, calibration: torch.Tensor, *, min_agreement: float = 0.99,
-                  quiet: bool = False, calibration_source: str = ""):
-    """Quantize the verified fp32 ONNX at `fp32_path` into `out` (written only if it agrees enough)."""
+                  quiet: bool = False, calibration_source: str = "", weight_rounding: str = "gptq"):
+    """Quantize the verified fp32 ONNX at `fp32_path` into `out` (written only if it agrees enough).
+
+    `weight_rounding` "gptq" picks each int8 weight's grid point to cancel the layer's output error on
+    the calibration images (weight_rounding.py); "nearest" rounds each weight on its own, as
+    onnxruntime's quantizer does. Both use the same per-channel scales.
+    """
     import onnx
 
     from .run import ExportResult, _temporary
@@ -74,17 +85,32 @@ def quantize_onnx(fp32_path: Path, out: Path, calibration: torch.Tensor, *, min_
             source = prepared
         except Exception:  # pre-processing is an optimisation; quantize the plain graph without it
             source = fp32_path
+        extra_options, rounding_note = {}, "nearest-rounded"
+        if weight_rounding == "gptq":
+            from .weight_rounding import compensated_weights
+
+            rounded, overrides, rounding = compensated_weights(onnx.load(str(source)), batch)
+            onnx.save(rounded, str(prepared))
+            source = prepared
+            # The quantizer is given GPTQ's scales, so it stores exactly the integers GPTQ chose.
+            extra_options["TensorQuantOverrides"] = overrides
+            rounding_note = f"GPTQ-rounded ({len(rounding.rounded)} kernels)"
+            if rounding.skipped and not quiet:
+                print(f"nearest rounding kept for {len(rounding.skipped)} kernels: "
+                      + "; ".join(f"{k}: {v}" for k, v in list(rounding.skipped.items())[:3]), file=sys.stderr)
+        elif weight_rounding != "nearest":
+            raise ConfigError(f"--weight_rounding {weight_rounding}: choose one of {', '.join(WEIGHT_ROUNDINGS)}")
         quantization.quantize_static(
             str(source), str(temporary), _calibration_reader(batch), quant_format=quantization.QuantFormat.QDQ,
             activation_type=quantization.QuantType.QUInt8, weight_type=quantization.QuantType.QInt8,
-            per_channel=True, calibrate_method=quantization.CalibrationMethod.MinMax)
+            per_channel=True, calibrate_method=quantization.CalibrationMethod.MinMax, extra_options=extra_options)
         fp32_proto = onnx.load(str(fp32_path), load_external_data=False)
         int8_proto = onnx.load(str(temporary))
         del int8_proto.metadata_props[:]
         for entry in fp32_proto.metadata_props:
             int8_proto.metadata_props.add(key=entry.key, value=entry.value)
         int8_proto.metadata_props.add(key="quantization", value=(
-            f"int8 static QDQ (per-channel int8 weights, uint8 activations), min/max calibrated on "
+            f"int8 static QDQ (per-channel int8 weights, {rounding_note}; uint8 activations), min/max calibrated on "
             f"{len(batch)} images{' from ' + calibration_source if calibration_source else ''}"))
         onnx.save(int8_proto, str(temporary))
         fp32_session, int8_session = formats.onnx_session(fp32_path), formats.onnx_session(temporary)
@@ -110,7 +136,7 @@ def quantize_onnx(fp32_path: Path, out: Path, calibration: torch.Tensor, *, min_
             print(f"wrote {out}", file=sys.stderr)
         return ExportResult(out, "onnx", comparison, lines, report={"fp32_bytes": fp32_size, "int8_bytes": int8_size, "top1_agreement": comparison.top1_agreement,
                          "fp32_images_per_s": fp32_speed, "int8_images_per_s": int8_speed,
-                         "calibration_images": len(batch)})
+                         "calibration_images": len(batch), "weight_rounding": weight_rounding})
     finally:
         temporary.unlink(missing_ok=True)
         prepared.unlink(missing_ok=True)

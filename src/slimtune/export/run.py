@@ -19,6 +19,7 @@ import torch
 from ..errors import ConfigError
 from . import formats
 from .prepare import ExportSource, inference_copy, load_source
+from .quantize import WEIGHT_ROUNDINGS
 from .verify import (Comparison, VerificationError, check_close, compare, load_verification_images,
                      preprocess_batch)
 
@@ -65,10 +66,11 @@ def export(checkpoint_path: str, fmt: str, output: str, *, model_name: Optional[
            with_preprocessing: bool = False, opset: int = formats.DEFAULT_OPSET,
            quantize: Optional[str] = None, calibration_dataset_dir: Optional[str] = None,
            calibration_images: int = 256, min_agreement: float = 0.99, quiet: bool = False,
-           moving_average: bool = True) -> ExportResult:
+           moving_average: bool = True, weight_rounding: str = "gptq") -> ExportResult:
     """Export the trained net at `checkpoint_path` as `fmt` to `output`, verified (see module docstring).
 
     A run's moving-average weights are exported when it saved some, unless `moving_average` is False.
+    `weight_rounding` chooses how int8 ONNX weights are rounded ("gptq" or "nearest", quantize.py).
     """
     check_format(fmt)
     if with_preprocessing and fmt not in ("onnx", "torchscript", "exported-program"):
@@ -77,6 +79,8 @@ def export(checkpoint_path: str, fmt: str, output: str, *, model_name: Optional[
         raise ConfigError(f"--quantize {quantize}: only --quantize int8 with --format onnx or tflite")
     if quantize and not calibration_dataset_dir:
         raise ConfigError("--quantize int8 needs --calibration_dataset_dir (images like those the model will see)")
+    if weight_rounding not in WEIGHT_ROUNDINGS:
+        raise ConfigError(f"--weight_rounding {weight_rounding}: choose one of {', '.join(WEIGHT_ROUNDINGS)}")
     if fmt == "tflite":
         formats.require("litert_torch", "tflite", "--format tflite")
     source = load_source(checkpoint_path, model_name=model_name, num_classes=num_classes, image_size=image_size,
@@ -143,7 +147,7 @@ def export(checkpoint_path: str, fmt: str, output: str, *, model_name: Optional[
             from .quantize import quantize_onnx
 
             result = quantize_onnx(temporary, out, calibration, min_agreement=min_agreement, quiet=quiet,
-                                   calibration_source=str(calibration_dataset_dir))
+                                   calibration_source=str(calibration_dataset_dir), weight_rounding=weight_rounding)
             temporary.unlink(missing_ok=True)
             return result
         os.replace(temporary, out)
