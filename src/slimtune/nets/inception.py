@@ -546,12 +546,13 @@ class InceptionNet(SlimNet):
             x = trunk._modules[module_name](x)
             if end_point is not None:
                 end_points[end_point] = x
-        if self.has_aux:
+        aux_head = trunk._modules.get("AuxLogits") if self.has_aux else None
+        if aux_head is not None:  # None also where an inference copy removed the head (export)
             source = end_points[self.aux_source]
             # Evaluation never uses the aux head: at an input size other than the one the head was
             # built for (e.g. --eval_image_size), eval mode leaves AuxLogits out instead of failing.
-            if self.training or trunk.AuxLogits.fits(source):
-                end_points["AuxLogits"] = trunk.AuxLogits(source)
+            if self.training or aux_head.fits(source):
+                end_points["AuxLogits"] = aux_head(source)
         return x
 
     def _pool(self, net: Tensor, end_points: "OrderedDict[str, Tensor]") -> Tensor:
