@@ -15,7 +15,6 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from slimtune import create_model
 from slimtune.cli import main
 from slimtune.export import FORMATS, export
 from slimtune.export import run as export_run
@@ -156,30 +155,6 @@ def test_resnet_v2_standalone_batch_norms_are_folded():
         logits, probabilities = infer(x)
     torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
     torch.testing.assert_close(probabilities, torch.softmax(expected, -1), rtol=1e-4, atol=1e-6)
-
-
-@pytest.mark.parametrize("name, swaps", [("inception_v3", 9), ("inception_resnet_v2", 1)])
-def test_inception_average_pools_run_after_their_narrowing_1x1_convs(name, swaps):
-    """Branch_3's AvgPool + 1x1 conv are computed conv-first (fewer channels to pool), same logits."""
-    from slimtune.export.prepare import PointwiseThenAvgPool, inference_copy
-
-    model = create_model(name, num_classes=CLASSES).eval()
-    _randomise_batch_norms(model, seed=4)
-    infer, stats = inference_copy(model)
-    assert stats["pools_after_pointwise"] == swaps
-    swapped = [m for m in infer.modules() if isinstance(m, PointwiseThenAvgPool)]
-    assert len(swapped) == swaps
-    pooled_channels = []
-    for module in swapped:
-        module.pool.register_forward_hook(lambda m, inputs, out: pooled_channels.append(inputs[0].shape[1]))
-    x = torch.randn(2, 3, 107, 107, generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        expected = model(x)
-        logits, _ = infer(x)
-    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
-    # Each pool now averages the convolution's output channels, not its (wider) input.
-    assert pooled_channels == [module.conv.out_channels for module in swapped]
-    assert all(module.conv.out_channels < module.conv.in_channels for module in swapped)
 
 
 def test_export_is_verified_and_a_failed_check_leaves_no_file(tmp_path, monkeypatch):

@@ -18,12 +18,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from ..nets.inception import Branch
-from ..nets.layers import AvgPool2d, BatchNorm, Conv2d
+from ..nets.layers import BatchNorm
 from ..nets.registry import ModelSpec, get_model_spec
 from ..runtime import channels_last_batch, inference_layout
 
@@ -209,48 +207,6 @@ def fold_batch_norms(model: nn.Module) -> dict[str, int]:
     return {"folded": folded, "affine": affine}
 
 
-class PointwiseThenAvgPool(nn.Module):
-    """An average pool followed by a 1x1 convolution, computed in the other order.
-
-    Averaging and a 1x1 convolution (with its bias) commute: an average's weights sum to one at every
-    position, TF's padding-excluding ones included, and a 1x1 convolution mixes channels at one
-    position. Convolving first pools the convolution's fewer output channels instead of all its
-    inputs (Inception's Branch_3: 288 -> 64 channels in Mixed_5d, 2048 -> 192 in Mixed_7c). The
-    activation, which does not commute, still comes last. It matters most in int8: onnxruntime's
-    quantized average pool is 4-5x slower per element than its float one, and was 41% of an int8
-    inception_v3 forward.
-    """
-
-    def __init__(self, conv: nn.Module, pool: nn.Module) -> None:
-        super().__init__()
-        self.conv, self.pool = conv, pool
-
-    def forward(self, x: Tensor) -> Tensor:
-        """1x1 convolution with bias, average pool, activation."""
-        x = self.pool(F.conv2d(x, getattr(self.conv, self.conv.kernel_name), self.conv.bias))
-        return self.conv.activation(x) if self.conv.activation is not None else x
-
-
-def _pointwise_before_pool(model: nn.Module) -> int:
-    """Swap each Inception branch's average pool and the 1x1 convolution after it (see
-    PointwiseThenAvgPool) where the convolution narrows the channels; after BatchNorm folding."""
-    swapped = 0
-    for branch in [m for m in model.modules() if isinstance(m, Branch)]:
-        steps = list(branch.steps)
-        for pool_name, conv_name in zip(steps, steps[1:]):
-            if isinstance(pool_name, tuple) or isinstance(conv_name, tuple):
-                continue
-            pool, conv = branch._modules[pool_name], branch._modules[conv_name]
-            if not (isinstance(pool, AvgPool2d) and type(conv) is Conv2d and conv.kernel_size == (1, 1)
-                    and conv.stride == (1, 1) and conv.groups == 1 and conv.BatchNorm is None
-                    and conv.out_channels < conv.in_channels):
-                continue
-            branch._modules[pool_name] = nn.Identity()
-            branch._modules[conv_name] = PointwiseThenAvgPool(conv, pool)
-            swapped += 1
-    return swapped
-
-
 def _drop_dropout(model: nn.Module) -> int:
     dropped = 0
     for module in list(model.modules()):
@@ -300,7 +256,6 @@ def inference_copy(model: nn.Module, multi_label: bool = False) -> tuple[Inferen
     for parameter in net.parameters():
         parameter.requires_grad_(False)
     stats = fold_batch_norms(net)
-    stats["pools_after_pointwise"] = _pointwise_before_pool(net)
     stats["dropout_removed"] = _drop_dropout(net)
     stats["aux_heads_removed"] = 0
     for scope in tuple(getattr(net, "classifier_scopes", ()))[1:]:

@@ -105,8 +105,7 @@ def export(checkpoint_path: str, fmt: str, output: str, *, model_name: Optional[
     infer, stats = _inference_model(source, batch)
     _say(f"inference graph: {stats['folded']} BatchNorms folded into convolutions, {stats['affine']} standalone "
          f"BatchNorms as per-channel scale+shift, {stats['dropout_removed']} dropouts removed, "
-         f"{stats['aux_heads_removed']} auxiliary heads dropped, {stats['pools_after_pointwise']} average pools "
-         f"moved after their 1x1 convolution", quiet)
+         f"{stats['aux_heads_removed']} auxiliary heads dropped", quiet)
     if fmt in ("torchscript", "exported-program"):
         infer.use_channels_last()
     if with_preprocessing:

@@ -174,13 +174,35 @@ class Branch(nn.Module):
                 channels = sum(depth(part.depth) for part in spec.convs)
         self.steps = tuple(steps)
         self.out_channels = channels
+        self.pooled_after = self._pools_to_move()
+
+    def _pools_to_move(self) -> dict[str, str]:
+        """{conv name: average pool name} for each average pool followed by a narrowing 1x1 convolution.
+
+        An average (TF's padding-excluding one included: its weights sum to one at every position) and
+        a 1x1 convolution commute, so the convolution runs first and the pool averages its fewer
+        output channels (Branch_3 of Inception v3's Mixed_7c: 192 channels instead of 2048). BatchNorm
+        and the activation still come after both; in training BatchNorm sees the same tensor.
+        """
+        moves = {}
+        for pool_name, conv_name in zip(self.steps, self.steps[1:]):
+            if isinstance(pool_name, tuple) or isinstance(conv_name, tuple):
+                continue
+            pool, conv = self._modules[pool_name], self._modules[conv_name]
+            if (isinstance(pool, AvgPool2d) and type(conv) is Conv2d and conv.kernel_size == (1, 1)
+                    and conv.stride == (1, 1) and conv.groups == 1 and conv.out_channels < conv.in_channels):
+                moves[conv_name] = pool_name
+        return moves
 
     def forward(self, x: Tensor) -> Tensor:
-        """Run the branch's layers in slim's order."""
+        """Run the branch's layers in slim's order (a moved average pool inside its 1x1 convolution)."""
+        moved = set(self.pooled_after.values())
         for step in self.steps:
             if isinstance(step, tuple):
                 x = torch.cat([self._modules[name](x) for name in step], dim=1)
-            else:
+            elif step in self.pooled_after:
+                x = self._modules[step](x, then=self._modules[self.pooled_after[step]])
+            elif step not in moved:
                 x = self._modules[step](x)
         return x
 

@@ -354,23 +354,27 @@ class Conv2d(nn.Module):
         """The kernel (output channels first) and bias with this layer's BN folded in."""
         return folded_batch_norm(kernel, bias, self.BatchNorm)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """Convolve (with TF padding), normalize, activate."""
+    def forward(self, x: Tensor, then: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
+        """Convolve (with TF padding), normalize, activate; `then` (see convolve) runs after the convolution."""
         kernel, bias = getattr(self, self.kernel_name), self.bias
         fold = self._folds_batch_norm()
         if fold:
             kernel, bias = self._folded(kernel, bias)
-        return self.convolve(x, kernel, bias, normalize=not fold)
+        return self.convolve(x, kernel, bias, normalize=not fold, then=then)
 
-    def convolve(self, x: Tensor, kernel: Tensor, bias: Optional[Tensor], normalize: bool = True) -> Tensor:
+    def convolve(self, x: Tensor, kernel: Tensor, bias: Optional[Tensor], normalize: bool = True,
+                 then: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
         """This layer's computation with a given kernel and bias (e.g. with a BN folded in): the
-        TF-padded convolution, its BatchNorm when `normalize`, then its activation."""
+        TF-padded convolution, `then` (an operation that commutes with it, e.g. an average pool after a
+        1x1 convolution), its BatchNorm when `normalize`, then its activation."""
         normalize = normalize and self.BatchNorm is not None
         if self._covers_whole_input(x):
             x = self._conv_as_linear(x, kernel, bias)
         else:
             x, padding = self._pad(x)
             x = F.conv2d(x, kernel, bias, self.stride, padding, self.rate, self.groups)
+        if then is not None:
+            x = then(x)
         if normalize:
             x = self.BatchNorm(x)
         if self.activation is not None:
