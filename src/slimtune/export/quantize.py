@@ -3,9 +3,9 @@
 Weights int8 per channel, activations uint8, ranges calibrated (min/max) on N images of the
 user's dataset run through the net's own preprocessing. Each weight's grid point is chosen by GPTQ
 (weight_rounding.py) to cancel the layer's output error on those images, unless nearest rounding
-is asked for. The quantized file is compared with the
-fp32 one on those images: it is written only when their top-1 predictions agree on at least
-`min_agreement` of them; the report gives both sizes, the agreement and images/s at batch 1.
+is asked for. The quantized file is compared with the fp32 one on those images: it is written
+only when their top-1 predictions agree on at least `min_agreement` of them; the report gives both
+sizes, the agreement and images/s at batch 1.
 """
 
 from __future__ import annotations
