@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from .depthwise_grad import depthwise_conv2d
 
 IntPair = Union[int, Sequence[int]]
 Activation = Optional[Callable[[Tensor], Tensor]]
@@ -372,7 +373,10 @@ class Conv2d(nn.Module):
             x = self._conv_as_linear(x, kernel, bias)
         else:
             x, padding = self._pad(x)
-            x = F.conv2d(x, kernel, bias, self.stride, padding, self.rate, self.groups)
+            if bias is None and self.groups > 1 and self.groups == self.in_channels == self.out_channels:
+                x = depthwise_conv2d(x, kernel, self.stride, padding, self.rate)
+            else:
+                x = F.conv2d(x, kernel, bias, self.stride, padding, self.rate, self.groups)
         if then is not None:
             x = then(x)
         if normalize:

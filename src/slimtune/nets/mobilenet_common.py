@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from .base import SlimNet, pooled_features
+from .depthwise_grad import depthwise_conv2d
 from .layers import (Activation, Conv2d, DepthwiseConv2d, NormFactory, check_keep_prob, dropout_module,
                      reduce_mean_hw, truncated_normal_)
 
@@ -131,7 +132,10 @@ class SeparableConv2d(Conv2d):
     def forward(self, x: Tensor) -> Tensor:
         """Depthwise (TF padding, stride, rate), pointwise 1x1, normalize, activate."""
         x, padding = self._pad(x)
-        x = F.conv2d(x, self.depthwise_weight, None, self.stride, padding, self.rate, self.groups)
+        if self.groups == self.in_channels == self.depthwise_weight.shape[0]:
+            x = depthwise_conv2d(x, self.depthwise_weight, self.stride, padding, self.rate)
+        else:  # a channel multiplier above 1
+            x = F.conv2d(x, self.depthwise_weight, None, self.stride, padding, self.rate, self.groups)
         pointwise, bias = self.pointwise_weight, self.bias
         fold = self._folds_batch_norm()
         if fold:

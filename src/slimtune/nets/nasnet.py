@@ -40,6 +40,7 @@ from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from ..errors import ConfigError
 from .base import SlimNet
+from .depthwise_grad import depthwise_conv2d
 from .layers import (AvgPool2d, BatchNorm, Conv2d, Linear, MaxPool2d, can_fold_batch_norm, concat_channels,
                      fold_batch_norm, folded_batch_norm, inference_cached, pad2d, reduce_mean_hw, same_padding,
                      truncated_normal_)
@@ -169,7 +170,7 @@ class SeparableConv2d(nn.Module):
             padding: tuple[int, int] = (top, left)
         else:
             x, padding = pad2d(x, (left, right, top, bottom)), (0, 0)
-        return F.conv2d(x, self.depthwise_weight, None, self.stride, padding, 1, self.in_channels)
+        return depthwise_conv2d(x, self.depthwise_weight, (self.stride, self.stride), padding, (1, 1))
 
     def folded_forward(self, x: Tensor, norm: BatchNorm) -> Tensor:
         """norm(self(x)) at inference, `norm`'s moving statistics folded into the pointwise kernel
