@@ -125,7 +125,7 @@ torch.testing.assert_close(layer.depthwise_weight.grad, expected)
 messages = [str(w.message) for w in caught if "depthwise" in str(w.message)]
 print(len(messages), depthwise_grad.kernel_calls, messages[0])
 """
-    env = {**os.environ, "PATH": str(tmp_path), "SLIMTUNE_CACHE_DIR": str(tmp_path / "cache"),
+    env = {**os.environ, "PATH": str(tmp_path), "SLIMTUNE_HOME": str(tmp_path / "cache"),
            "PYTHONPATH": str(REPO / "src")}
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
@@ -138,8 +138,8 @@ print(len(messages), depthwise_grad.kernel_calls, messages[0])
 def test_kernel_is_cached_per_machine(tmp_path):
     """A second process finds the compiled kernel in the cache instead of compiling it again."""
     script = ("from slimtune.nets import depthwise_grad as d, layers; import sys; "
-              "print(d.kernel_available(), sorted(p.name for p in (d.cache_dir() / 'kernels').iterdir()))")
-    env = {**os.environ, "SLIMTUNE_CACHE_DIR": str(tmp_path), "PYTHONPATH": str(REPO / "src")}
+              "print(d.kernel_available(), sorted(p.name for p in d.kernel_dir().iterdir()))")
+    env = {**os.environ, "SLIMTUNE_HOME": str(tmp_path), "PYTHONPATH": str(REPO / "src")}
     first = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr
     built = sorted((tmp_path / "kernels").iterdir())

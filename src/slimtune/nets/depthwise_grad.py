@@ -8,10 +8,10 @@ every other convolution together. `depthwise_conv2d` computes the same forward a
 with torch and only the weight gradient with `depthwise_grad.c` (see its header for the loop order).
 
 The C file is compiled once per machine with the C compiler on PATH (`cc`/`gcc`/`clang`, `-O3
--march=native`: it vectorizes for the CPU it runs on) into slimtune's cache directory, keyed by the
-source, the compiler and the CPU's flags. Without a compiler, or for what the kernel does not cover
-(another dtype or device, a channel multiplier, a non-channels-last input, double backward), torch
-computes the gradient as before: the kernel is a speed-up, never a requirement. The first fallback
+-march=native`: it vectorizes for the CPU it runs on) into `$SLIMTUNE_HOME/kernels` (default
+~/.cache/slimtune/kernels), keyed by the source, the compiler and the CPU's flags. Without a
+compiler, or for what the kernel does not cover (another dtype or device, a channel multiplier, a
+non-channels-last input, double backward), torch computes the gradient as before: the kernel is a speed-up, never a requirement. The first fallback
 caused by a missing compiler says so in one warning. `SLIMTUNE_DEPTHWISE_KERNEL=0` turns it off.
 """
 
@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..utils.home import slimtune_home
+
 _SOURCE = Path(__file__).with_name("depthwise_grad.c")
 _COMPILERS = ("cc", "gcc", "clang")
 _lock = threading.Lock()
@@ -50,13 +52,10 @@ def _enabled() -> bool:
     return os.environ.get("SLIMTUNE_DEPTHWISE_KERNEL", "1") not in ("0", "false", "off")
 
 
-def cache_dir() -> Path:
-    """Where compiled kernels live: $SLIMTUNE_CACHE_DIR, else $XDG_CACHE_HOME/slimtune, else ~/.cache/slimtune."""
-    explicit = os.environ.get("SLIMTUNE_CACHE_DIR")
-    if explicit:
-        return Path(explicit)
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "slimtune"
+def kernel_dir() -> Path:
+    """Where compiled kernels live: the `kernels` folder of slimtune's cache ($SLIMTUNE_HOME, default
+    ~/.cache/slimtune), next to the published checkpoints."""
+    return slimtune_home() / "kernels"
 
 
 def _cpu_flags() -> str:
@@ -73,7 +72,7 @@ def _compile(compiler: str) -> Path:
     source = _SOURCE.read_bytes()
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
     key = hashlib.sha256(source + version.encode() + _cpu_flags().encode() + platform.machine().encode())
-    target = cache_dir() / "kernels" / f"depthwise_grad-{key.hexdigest()[:16]}.so"
+    target = kernel_dir() / f"depthwise_grad-{key.hexdigest()[:16]}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from ..errors import ConfigError
 from ..preprocessing.pretrained import PREFIX as PRETRAINED_PREFIX
 from ..preprocessing.pretrained import parse_name as parse_preprocessing
+from ..utils.home import slimtune_home
 from .base import SlimNet
 from .registry import ModelSpec, get_model_spec
 
@@ -43,15 +44,6 @@ _NORMALIZATION = {
 }
 # Fraction of the image the eval preprocessing keeps: inception's central crop, vgg's 224 of 256.
 _CROP_PCT = {"inception": 0.875, "vgg": 224 / 256, "lenet": 1.0, "cifarnet": 1.0}
-
-
-def slimtune_home(cache_dir: Optional[str] = None) -> Path:
-    """Where pretrained checkpoints are looked up: cache_dir, $SLIMTUNE_HOME, ~/.cache/slimtune."""
-    if cache_dir:
-        return Path(cache_dir).expanduser()
-    if os.environ.get("SLIMTUNE_HOME"):
-        return Path(os.environ["SLIMTUNE_HOME"]).expanduser()
-    return Path("~/.cache/slimtune").expanduser()
 
 
 def pretrained_cfg(spec: ModelSpec) -> dict[str, Any]:
