@@ -7,25 +7,17 @@ and MobileNet v3 are made of such layers, so in a training step they spend about
 every other convolution together. `depthwise_conv2d` computes the same forward and input gradient
 with torch and only the weight gradient with `depthwise_grad.c` (see its header for the loop order).
 
-The C file is compiled once per machine with the C compiler on PATH (`cc`/`gcc`/`clang`, `-O3
--march=native`: it vectorizes for the CPU it runs on) into `$SLIMTUNE_HOME/kernels` (default
-~/.cache/slimtune/kernels), keyed by the source, the compiler and the CPU's flags. Without a
-compiler, or for what the kernel does not cover (another dtype or device, a channel multiplier, a
-non-channels-last input, double backward), torch computes the gradient as before: the kernel is a speed-up, never a requirement. The first fallback
-caused by a missing compiler says so in one warning. `SLIMTUNE_DEPTHWISE_KERNEL=0` turns it off.
+The C file is compiled once per machine (see native.py). Without a compiler, or for what the
+kernel does not cover (another dtype or device, a channel multiplier, a non-channels-last input,
+double backward), torch computes the gradient as before: the kernel is a speed-up, never a
+requirement. The first fallback caused by a missing compiler says so in one warning.
+`SLIMTUNE_DEPTHWISE_KERNEL=0` turns it off.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
-import platform
-import shutil
-import subprocess
-import tempfile
-import threading
-import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -33,13 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..utils.home import slimtune_home
+from .native import kernel_dir, load_kernel  # noqa: F401  (kernel_dir: where the build goes)
 
 _SOURCE = Path(__file__).with_name("depthwise_grad.c")
-_COMPILERS = ("cc", "gcc", "clang")
-_lock = threading.Lock()
-_library: Optional[ctypes.CDLL] = None
-_load_failure: Optional[str] = None
 #: torch's own weight gradient is the faster one up to 3x3 kernels (oneDNN has a dedicated 3x3 path;
 #: measured 2026-12-04 at batch 16: 0.2 ms vs the C kernel's 0.5 ms for 44 channels at 28x28), the C
 #: kernel from 5x5 up (2.2-5.9x faster over NASNet's and MobileNet v3's 5x5 and 7x7 layers).
@@ -52,63 +40,10 @@ def _enabled() -> bool:
     return os.environ.get("SLIMTUNE_DEPTHWISE_KERNEL", "1") not in ("0", "false", "off")
 
 
-def kernel_dir() -> Path:
-    """Where compiled kernels live: the `kernels` folder of slimtune's cache ($SLIMTUNE_HOME, default
-    ~/.cache/slimtune), next to the published checkpoints."""
-    return slimtune_home() / "kernels"
-
-
-def _cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line
-    except OSError:
-        pass
-    return platform.processor()
-
-
-def _compile(compiler: str) -> Path:
-    source = _SOURCE.read_bytes()
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
-    key = hashlib.sha256(source + version.encode() + _cpu_flags().encode() + platform.machine().encode())
-    target = kernel_dir() / f"depthwise_grad-{key.hexdigest()[:16]}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Compile to a private name and rename: concurrent processes (DDP ranks) never load a half-written file.
-    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
-        built = Path(scratch) / target.name
-        command = [compiler, "-O3", "-march=native", "-shared", "-fPIC", "-fopenmp", str(_SOURCE), "-o", str(built)]
-        result = subprocess.run(command, capture_output=True, text=True, timeout=300)
-        if result.returncode != 0:
-            raise OSError(f"{' '.join(command)} failed: {result.stderr.strip()[-300:]}")
-        os.replace(built, target)
-    return target
-
-
 def _load() -> Optional[ctypes.CDLL]:
     """The compiled kernel, compiling it on first use; None (with one warning) when that is impossible."""
-    global _library, _load_failure
-    if _library is not None or _load_failure is not None:
-        return _library
-    with _lock:
-        if _library is not None or _load_failure is not None:
-            return _library
-        compiler = next((name for name in _COMPILERS if shutil.which(name)), None)
-        try:
-            if compiler is None:
-                raise OSError("no C compiler (cc, gcc or clang) on PATH")
-            library = ctypes.CDLL(str(_compile(compiler)))
-            function = library.depthwise_weight_grad
-            function.restype = None
-            function.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 15
-            _library = library
-        except (OSError, subprocess.SubprocessError) as error:
-            _load_failure = str(error)
-            warnings.warn(f"slimtune: depthwise weight gradients fall back to torch's slower kernel ({error})",
-                          RuntimeWarning, stacklevel=3)
-    return _library
+    return load_kernel(_SOURCE, {"depthwise_weight_grad": [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 15},
+                       "depthwise weight gradients fall back to torch's slower kernel")
 
 
 def kernel_available() -> bool:
