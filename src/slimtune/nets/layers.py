@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from .batch_norm_act import batch_norm_act
 from .depthwise_grad import depthwise_conv2d
 
 IntPair = Union[int, Sequence[int]]
@@ -160,6 +161,18 @@ class BatchNorm(nn.Module):
             return sync_batch_norm(x, self, group_of(self.sync_group))
         return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
                             use_batch_stats, 1.0 - self.decay, self.eps)
+
+    def normalize_and_activate(self, x: Tensor, activation: Activation) -> Tensor:
+        """activation(self(x)): in training on CPU as one fused C pass when batch_norm_act applies
+        (same values and gradients, a third of the memory traffic), else torch's two operations."""
+        if (self.training and not self.frozen and not (self.sync_group is not None and _distributed())
+                and not self._forward_hooks and not self._forward_pre_hooks):
+            fused = batch_norm_act(x, self.weight, self.bias, self.running_mean, self.running_var,
+                                   1.0 - self.decay, self.eps, activation)
+            if fused is not None:
+                return fused
+        x = self(x)
+        return activation(x) if activation is not None else x
 
     def train(self, mode: bool = True) -> "BatchNorm":
         """Switch mode; entering training drops what inference folded from this BN (see inference_cached)."""
@@ -379,6 +392,8 @@ class Conv2d(nn.Module):
                 x = F.conv2d(x, kernel, bias, self.stride, padding, self.rate, self.groups)
         if then is not None:
             x = then(x)
+        if normalize and isinstance(self.BatchNorm, BatchNorm):
+            return self.BatchNorm.normalize_and_activate(x, self.activation)
         if normalize:
             x = self.BatchNorm(x)
         if self.activation is not None:

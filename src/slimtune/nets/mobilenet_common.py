@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from .base import SlimNet, pooled_features
+from .batch_norm_act import RELU6, register_activation
 from .depthwise_grad import depthwise_conv2d
 from .layers import (Activation, Conv2d, DepthwiseConv2d, NormFactory, check_keep_prob, dropout_module,
                      reduce_mean_hw, truncated_normal_)
@@ -59,6 +60,9 @@ def relu6_(x: Tensor) -> Tensor:
     if x.requires_grad and torch.is_grad_enabled():
         return _ReLU6InPlace.apply(x)
     return x.clamp_(0.0, 6.0)
+
+
+register_activation(relu6_, RELU6)
 
 
 def make_divisible(value: float, divisor: int, min_value: Optional[int] = None) -> int:

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from .batch_norm_act import HARD_SWISH, RELU, register_activation
 from .layers import Conv2d, batch_norm_factory, reduce_mean_hw
 from .mobilenet_common import (ConvOp, ExpandedConvOp, MobileNet, ReduceTo1x1Op, expand_input_by_factor,
                                make_divisible)
@@ -68,6 +69,10 @@ def hard_swish(x: Tensor) -> Tensor:
     if x.requires_grad and torch.is_grad_enabled():
         return F.hardswish(x)
     return F.hardswish(x, inplace=True)
+
+
+register_activation(relu_, RELU)
+register_activation(hard_swish, HARD_SWISH)
 
 
 def hard_sigmoid(x: Tensor) -> Tensor:

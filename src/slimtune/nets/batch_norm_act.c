@@ -1,0 +1,218 @@
+/* Training-mode BatchNorm followed by its activation, on a channels-last float32 tensor seen as
+ * rows of C channels (M = N*H*W rows), forward and backward.
+ *
+ * Why it exists: on a 2-core CPU these layers are memory-bound. torch runs BatchNorm and the
+ * activation as separate passes and keeps both the BN input and the BN output (or the activation's
+ * output) for backward: ~5 passes over the tensor forward and ~8 backward. Here the forward reads x
+ * twice and writes y once; the backward reads x and the gradient twice and writes dx once,
+ * recomputing the BN output (one multiply-add per element) instead of storing it. Only x is kept
+ * for backward.
+ *
+ * Each thread reduces a contiguous range of rows into its own double-precision per-channel sums
+ * (rows are summed in float over blocks of BLOCK_ROWS, then added in double); the threads' sums are
+ * combined in thread order, so the result depends only on the thread count, not on scheduling.
+ *
+ * Activations follow torch's definitions exactly (NaN propagates through each of them):
+ *   relu(z) = z < 0 ? 0 : z,  gradient where z > 0;
+ *   relu6(z) = clamp(z, 0, 6),  gradient where 0 < z < 6;
+ *   hard_swish(z) = z * clamp(z + 3, 0, 6) / 6,  gradient 0 below -3, z/3 + 1/2 up to 3, 1 above.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+enum { ACT_NONE = 0, ACT_RELU = 1, ACT_RELU6 = 2, ACT_HARD_SWISH = 3 };
+#define BLOCK_ROWS 32
+
+static inline __attribute__((always_inline)) float activate(float z, int act) {
+    if (act == ACT_RELU) return z < 0.0f ? 0.0f : z;
+    if (act == ACT_RELU6) return z < 0.0f ? 0.0f : (z > 6.0f ? 6.0f : z);
+    if (act == ACT_HARD_SWISH) {
+        float t = z + 3.0f;
+        t = t < 0.0f ? 0.0f : t;
+        t = t > 6.0f ? 6.0f : t;
+        return z * t / 6.0f;
+    }
+    return z;
+}
+
+/* d activation(z) / dz times g. */
+static inline __attribute__((always_inline)) float activation_grad(float z, float g, int act) {
+    if (act == ACT_RELU) return z > 0.0f ? g : 0.0f;
+    if (act == ACT_RELU6) return (z > 0.0f && z < 6.0f) ? g : 0.0f;
+    if (act == ACT_HARD_SWISH) return z < -3.0f ? 0.0f : (z <= 3.0f ? g * (z / 3.0f + 0.5f) : g);
+    return g;
+}
+
+static inline int64_t row_begin(int64_t rows, int t, int threads) { return rows * t / threads; }
+
+/* Per-thread sums over its rows of (x - shift) and (x - shift)^2, shift = row 0 (cancellation-safe
+ * variance without a second pass). partial: [threads][2][C] doubles, zeroed by the caller. */
+static void channel_moments(const float *x, int64_t M, int64_t C, int threads, const float *shift,
+                            double *partial) {
+#pragma omp parallel for num_threads(threads) schedule(static, 1)
+    for (int t = 0; t < threads; ++t) {
+        double *sum = partial + (int64_t)t * 2 * C, *sq = sum + C;
+        float *block = malloc(sizeof(float) * 2 * C);
+        float *bsum = block, *bsq = block + C;
+        int64_t end = row_begin(M, t + 1, threads);
+        for (int64_t r0 = row_begin(M, t, threads); r0 < end; r0 += BLOCK_ROWS) {
+            int64_t r1 = r0 + BLOCK_ROWS < end ? r0 + BLOCK_ROWS : end;
+            memset(block, 0, sizeof(float) * 2 * C);
+            for (int64_t r = r0; r < r1; ++r) {
+                const float *row = x + r * C;
+#pragma omp simd
+                for (int64_t c = 0; c < C; ++c) {
+                    float v = row[c] - shift[c];
+                    bsum[c] += v;
+                    bsq[c] += v * v;
+                }
+            }
+            for (int64_t c = 0; c < C; ++c) {
+                sum[c] += bsum[c];
+                sq[c] += bsq[c];
+            }
+        }
+        free(block);
+    }
+}
+
+/* One row of the forward: out = act((in - mean) * scale + shift). */
+static inline __attribute__((always_inline)) void forward_row(const float *in, float *out, int64_t C,
+                                                              const float *mean, const float *scale,
+                                                              const float *shift, const int act) {
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) out[c] = activate((in[c] - mean[c]) * scale[c] + shift[c], act);
+}
+
+/* One row of the backward's reduction: bsum += dz, bxmu += dz * (x - mean). */
+static inline __attribute__((always_inline)) void reduce_row(const float *xr, const float *gr, int64_t C,
+                                                             const float *mean, const float *scale,
+                                                             const float *shift, float *bsum, float *bxmu,
+                                                             const int act) {
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) {
+        float xmu = xr[c] - mean[c];
+        float dz = activation_grad(xmu * scale[c] + shift[c], gr[c], act);
+        bsum[c] += dz;
+        bxmu[c] += dz * xmu;
+    }
+}
+
+/* One row of dx. */
+static inline __attribute__((always_inline)) void input_grad_row(const float *xr, const float *gr, float *out,
+                                                                 int64_t C, const float *mean, const float *scale,
+                                                                 const float *shift, const float *k_mean,
+                                                                 const float *k_xmu, const float *k_out,
+                                                                 const int act) {
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) {
+        float xmu = xr[c] - mean[c];
+        float dz = activation_grad(xmu * scale[c] + shift[c], gr[c], act);
+        out[c] = (dz - k_mean[c] - xmu * k_xmu[c]) * k_out[c];
+    }
+}
+
+/* Each call with a constant act inlines a loop specialized for that activation. */
+#define DISPATCH(ACT, CALL)                                                                    \
+    switch (ACT) {                                                                             \
+    case ACT_RELU: CALL(ACT_RELU); break;                                                      \
+    case ACT_RELU6: CALL(ACT_RELU6); break;                                                    \
+    case ACT_HARD_SWISH: CALL(ACT_HARD_SWISH); break;                                          \
+    default: CALL(ACT_NONE); break;                                                            \
+    }
+
+/* y = act((x - mean) * gamma * invstd + beta) with the batch's mean and biased variance; writes
+ * mean and invstd (for backward) and updates the running statistics as torch does (unbiased
+ * variance, running = (1 - momentum) * running + momentum * batch). gamma and beta may be NULL
+ * (slim's BN without scale or center). Needs M > 1. */
+void batch_norm_act_forward(const float *x, float *y, int64_t M, int64_t C, const float *gamma,
+                            const float *beta, float *running_mean, float *running_var, double momentum,
+                            double eps, int act, int threads, float *mean_out, float *invstd_out) {
+    double *partial = calloc((size_t)threads * 2 * C, sizeof(double));
+    float *coeff = malloc(sizeof(float) * 3 * C);   /* mean, scale, beta per channel */
+    float *mean = coeff, *scale = coeff + C, *shift = coeff + 2 * C;
+    channel_moments(x, M, C, threads, x, partial);
+    for (int64_t c = 0; c < C; ++c) {
+        double sum = 0.0, sq = 0.0;
+        for (int t = 0; t < threads; ++t) {
+            sum += partial[(int64_t)t * 2 * C + c];
+            sq += partial[(int64_t)t * 2 * C + C + c];
+        }
+        double centered = sum / (double)M;
+        double var = sq / (double)M - centered * centered;
+        if (var < 0.0) var = 0.0;
+        double batch_mean = (double)x[c] + centered;
+        double invstd = 1.0 / sqrt(var + eps);
+        mean_out[c] = (float)batch_mean;
+        invstd_out[c] = (float)invstd;
+        running_mean[c] = (float)((1.0 - momentum) * running_mean[c] + momentum * batch_mean);
+        running_var[c] = (float)((1.0 - momentum) * running_var[c] + momentum * var * M / (double)(M - 1));
+        mean[c] = (float)batch_mean;
+        scale[c] = (float)((gamma ? gamma[c] : 1.0) * invstd);
+        shift[c] = beta ? beta[c] : 0.0f;
+    }
+#define FORWARD_ROW(A) forward_row(x + r * C, y + r * C, C, mean, scale, shift, A)
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < M; ++r) DISPATCH(act, FORWARD_ROW)
+#undef FORWARD_ROW
+    free(coeff);
+    free(partial);
+}
+
+/* dx (and dgamma, dbeta when not NULL) from x, the gradient g of y, and the forward's mean and
+ * invstd; the BN output z is recomputed for the activation's gradient dz. Training-mode formula:
+ * dx = (dz - mean(dz) - (x - mean) * invstd^2 * mean(dz * (x - mean))) * gamma * invstd. */
+void batch_norm_act_backward(const float *x, const float *g, float *dx, int64_t M, int64_t C,
+                             const float *gamma, const float *beta, const float *mean, const float *invstd,
+                             int act, int threads, float *dgamma, float *dbeta) {
+    double *partial = calloc((size_t)threads * 2 * C, sizeof(double));
+    float *coeff = malloc(sizeof(float) * 5 * C);
+    float *scale = coeff, *shift = coeff + C, *k_mean = coeff + 2 * C, *k_xmu = coeff + 3 * C,
+          *k_out = coeff + 4 * C;
+    for (int64_t c = 0; c < C; ++c) {
+        scale[c] = (gamma ? gamma[c] : 1.0f) * invstd[c];
+        shift[c] = beta ? beta[c] : 0.0f;
+    }
+#define REDUCE_ROW(A) reduce_row(x + r * C, g + r * C, C, mean, scale, shift, bsum, bxmu, A)
+#pragma omp parallel for num_threads(threads) schedule(static, 1)
+    for (int t = 0; t < threads; ++t) {
+        double *sum = partial + (int64_t)t * 2 * C, *sxmu = sum + C;
+        float *block = malloc(sizeof(float) * 2 * C);
+        float *bsum = block, *bxmu = block + C;
+        int64_t end = row_begin(M, t + 1, threads);
+        for (int64_t r0 = row_begin(M, t, threads); r0 < end; r0 += BLOCK_ROWS) {
+            int64_t r1 = r0 + BLOCK_ROWS < end ? r0 + BLOCK_ROWS : end;
+            memset(block, 0, sizeof(float) * 2 * C);
+            for (int64_t r = r0; r < r1; ++r) DISPATCH(act, REDUCE_ROW)
+            for (int64_t c = 0; c < C; ++c) {
+                sum[c] += bsum[c];
+                sxmu[c] += bxmu[c];
+            }
+        }
+        free(block);
+    }
+#undef REDUCE_ROW
+    for (int64_t c = 0; c < C; ++c) {
+        double sum = 0.0, sxmu = 0.0;
+        for (int t = 0; t < threads; ++t) {
+            sum += partial[(int64_t)t * 2 * C + c];
+            sxmu += partial[(int64_t)t * 2 * C + C + c];
+        }
+        double inv = invstd[c];
+        if (dbeta) dbeta[c] = (float)sum;
+        if (dgamma) dgamma[c] = (float)(sxmu * inv);
+        k_mean[c] = (float)(sum / (double)M);
+        k_xmu[c] = (float)(sxmu / (double)M * inv * inv);
+        k_out[c] = (float)((gamma ? gamma[c] : 1.0) * inv);
+    }
+    if (dx) {
+#define INPUT_GRAD_ROW(A) input_grad_row(x + r * C, g + r * C, dx + r * C, C, mean, scale, shift, k_mean, k_xmu, k_out, A)
+#pragma omp parallel for num_threads(threads) schedule(static)
+        for (int64_t r = 0; r < M; ++r) DISPATCH(act, INPUT_GRAD_ROW)
+#undef INPUT_GRAD_ROW
+    }
+    free(coeff);
+    free(partial);
+}
