@@ -31,7 +31,7 @@ import math
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -182,15 +182,21 @@ class SeparableConv2d(nn.Module):
         return f"{self.in_channels}, {self.out_channels}, kernel={self.kernel_size}, stride={self.stride}"
 
 
-def _conv_bn(conv: nn.Module, norm: nn.Module, x: Tensor) -> Tensor:
-    """norm(conv(x)) for NASNet's separately scoped conv + BN pairs; at inference the moving
-    statistics go into the conv's kernel, saving a pass over the output."""
+def _conv_bn(conv: nn.Module, norm: nn.Module, x: Tensor, activation: Optional[Callable[[Tensor], Tensor]] = None
+             ) -> Tensor:
+    """activation(norm(conv(x))) for NASNet's separately scoped conv + BN pairs; at inference the
+    moving statistics go into the conv's kernel, saving a pass over the output; in training the BN
+    and the activation run as one pass where batch_norm_act applies."""
     if not can_fold_batch_norm(norm):
-        return norm(conv(x))
-    if isinstance(conv, SeparableConv2d):
-        return conv.folded_forward(x, norm)
-    kernel, bias = folded_batch_norm(conv.weight, conv.bias, norm)
-    return conv.convolve(x, kernel, bias, normalize=False)
+        if isinstance(norm, BatchNorm):
+            return norm.normalize_and_activate(conv(x), activation)
+        x = norm(conv(x))
+    elif isinstance(conv, SeparableConv2d):
+        x = conv.folded_forward(x, norm)
+    else:
+        kernel, bias = folded_batch_norm(conv.weight, conv.bias, norm)
+        x = conv.convolve(x, kernel, bias, normalize=False)
+    return activation(x) if activation is not None else x
 
 
 def _factorized_reduction_modules(owner: nn.Module, in_channels: int, out_channels: int, stride: int,
@@ -218,7 +224,7 @@ def _factorized_reduction(owner: nn.Module, x: Tensor, stride: int) -> Tensor:
         odd = pad2d(x, (0, 1, 0, 1))[:, :, 1::2, 1::2]
     norm = owner.final_path_bn
     if not can_fold_batch_norm(norm):
-        return norm(torch.cat([owner.path1_conv(even), owner.path2_conv(odd)], dim=1))
+        return norm.normalize_and_activate(torch.cat([owner.path1_conv(even), owner.path2_conv(odd)], dim=1), None)
     # Inference: the BN over the concatenation folded into the two convs, each taking its channels.
     split = owner.path1_conv.out_channels
 
@@ -295,10 +301,11 @@ class Operation(nn.Module):
         if self.reads_activated_input:
             x = activated if activated is not None else _activation(x, bounded)
         if self.operation.startswith("separable"):
+            # Every layer but the last is followed by the activation that starts the next one.
+            inner_activation = F.relu6 if bounded else F.relu
             for layer, (conv, bn) in enumerate(self._layer_names):
-                if layer > 0:
-                    x = _activation(x, bounded)
-                x = _conv_bn(self._modules[conv], self._modules[bn], x)
+                last = layer == len(self._layer_names) - 1
+                x = _conv_bn(self._modules[conv], self._modules[bn], x, None if last else inner_activation)
             if bounded:
                 x = x.clamp(-CLIP_BY_VALUE_CAP, CLIP_BY_VALUE_CAP)
         elif self.operation == "none":
