@@ -280,7 +280,11 @@ def test_gradient_checkpointing_gives_the_same_gradients_and_statistics(name):
     assert torch.equal(loss_a, loss_b)
     assert grads_a.keys() == grads_b.keys()
     for key in grads_a:
-        torch.testing.assert_close(grads_b[key], grads_a[key], rtol=1e-5, atol=1e-6, msg=key)
+        # Float rounding only: the plain forward computes a cell output's activation once for the two
+        # cells that read it (their gradients meet before its backward), a recomputed cell its own
+        # (they meet after); measured 1.7e-7 of the largest value.
+        scale = grads_a[key].abs().max().item()
+        torch.testing.assert_close(grads_b[key], grads_a[key], rtol=0, atol=1e-5 * scale + 1e-9, msg=key)
     for key in buffers_a:
         torch.testing.assert_close(buffers_b[key], buffers_a[key], rtol=0, atol=0, msg=key)
 

@@ -220,8 +220,10 @@ def _factorized_reduction(owner: nn.Module, x: Tensor, stride: int) -> Tensor:
     if x.shape[-2] % 2 == 0 and x.shape[-1] % 2 == 0:
         odd = x[:, :, 1::2, 1::2]
     else:
-        # Pad bottom/right, drop the first row and column: the odd pixels, with a zero at an odd end.
-        odd = pad2d(x, (0, 1, 0, 1))[:, :, 1::2, 1::2]
+        # slim pads bottom/right and drops the first row and column: the odd pixels, then a zero row
+        # and column at an odd end. Padding the odd pixels alone copies a quarter of the map.
+        odd = x[:, :, 1::2, 1::2]
+        odd = pad2d(odd, (0, even.shape[-1] - odd.shape[-1], 0, even.shape[-2] - odd.shape[-2]))
     norm = owner.final_path_bn
     if not can_fold_batch_norm(norm):
         return norm.normalize_and_activate(torch.cat([owner.path1_conv(even), owner.path2_conv(odd)], dim=1), None)
@@ -393,18 +395,33 @@ class Cell(nn.Module):
         self.cell_output = output
         self.out_channels, self.out_level = out_channels, final_level
 
-    def forward(self, net: Tensor, prev: Optional[Tensor], keep_prob: float) -> Tensor:
-        """Run the cell on its input and the previous cell's output (None for the first stem cell)."""
+    def forward(self, net: Tensor, prev: Optional[Tensor], keep_prob: float,
+                activations: Optional[ActivationCache] = None) -> Tensor:
+        """Run the cell on its input and the previous cell's output (None for the first stem cell).
+
+        `activations` holds the activations of cell outputs already computed in this forward: every
+        cell output is read, activated, by the next two cells (as their input and as their previous
+        layer), and slim's graph optimizer computes that activation once as well."""
         bounded = self.bounded
+
+        def activate_input(x: Tensor) -> Tensor:
+            if activations is None:
+                return _activation(x, bounded)
+            hit = activations.get(id(x))
+            if hit is None or hit[0] is not x:
+                hit = activations[id(x)] = (x, _activation(x, bounded))
+            return hit[1]
+
+        raw_prev = self.prev_mode == "same" and prev is not None
         if self.prev_mode == "input" or prev is None:
             prev = net
         elif self.prev_mode == "reduce":
             if prev.shape[-1] == net.shape[-1]:
                 raise ConfigError(f"NASNet: the input is too small (a {net.shape[-1]}-pixel map no longer halves)")
-            prev = _factorized_reduction(self, _activation(prev, bounded), 2)
+            prev = _factorized_reduction(self, activate_input(prev), 2)
         elif self.prev_mode == "project":
-            prev = _conv_bn(self._modules["prev_1x1"], self.prev_bn, _activation(prev, bounded))
-        activated_net = _activation(net, bounded)
+            prev = _conv_bn(self._modules["prev_1x1"], self.prev_bn, activate_input(prev))
+        activated_net = activate_input(net)
         hidden = [_conv_bn(self._modules["1x1"], self.beginning_bn, activated_net), prev]
         # Hidden state index -> its activation, computed once however many operations read it.
         activated: dict[int, Tensor] = {1: activated_net} if prev is net else {}
@@ -413,7 +430,8 @@ class Cell(nn.Module):
             if not operation.reads_activated_input:
                 return operation(hidden[index], keep_prob)
             if index not in activated:
-                activated[index] = _activation(hidden[index], bounded)
+                raw_output = index == 1 and raw_prev  # the previous layer's output itself
+                activated[index] = activate_input(hidden[index]) if raw_output else _activation(hidden[index], bounded)
             return operation(hidden[index], keep_prob, activated[index])
 
         indices = self.spec.hiddenstate_indices
@@ -429,6 +447,10 @@ class Cell(nn.Module):
             hidden[index] = _factorized_reduction(self.cell_output._modules[f"reduction_{index}"], hidden[index],
                                                   reduce_stride)
         return concat_channels([h for h, used in zip(hidden, self.spec.used_hiddenstates) if not used])
+
+
+#: id(cell output) -> (that output, its activation), for the outputs the next cells still read.
+ActivationCache = dict[int, tuple[Tensor, Tensor]]
 
 
 @contextmanager
@@ -650,14 +672,15 @@ class NASNet(SlimNet):
             raise ConfigError(f"{self.kind}: input {x.shape[-2]}x{x.shape[-1]} is smaller than the "
                               f"{self.min_image_size}x{self.min_image_size} this net accepts")
         if self.stem_type == "imagenet":
-            net = self.conv0_bn(self.conv0(x))
+            net = _conv_bn(self.conv0, self.conv0_bn, x)
         else:
-            net = self.l1_stem_bn(self.l1_stem_3x3(x))
+            net = _conv_bn(self.l1_stem_3x3, self.l1_stem_bn, x)
         outputs: list[Optional[Tensor]] = [None, net]
         stem_done = self.stem_type != "imagenet"
         if stem_done:
             end_points["Stem"] = net
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        activations: ActivationCache = {}
         for step_index, (name, end_point, cell_num, prev_index) in enumerate(self._steps):
             cell = self._modules[name]
             prev = outputs[prev_index] if prev_index is not None else None
@@ -665,7 +688,10 @@ class NASNet(SlimNet):
             if checkpointing:
                 net = _run_checkpointed(cell, net, prev, keep)
             else:
-                net = cell(net, prev, keep)
+                net = cell(net, prev, keep, activations)
+                # Keep the activations of the two latest outputs only: the next cells read no others.
+                live = (id(net), id(outputs[-1]))
+                activations = {key: value for key, value in activations.items() if key in live}
             outputs.append(net)
             if not end_point:
                 if name == "cell_stem_1":
