@@ -47,37 +47,6 @@ static inline __attribute__((always_inline)) float activation_grad(float z, floa
 
 static inline int64_t row_begin(int64_t rows, int t, int threads) { return rows * t / threads; }
 
-/* Per-thread sums over its rows of (x - shift) and (x - shift)^2, shift = row 0 (cancellation-safe
- * variance without a second pass). partial: [threads][2][C] doubles, zeroed by the caller. */
-static void channel_moments(const float *x, int64_t M, int64_t C, int threads, const float *shift,
-                            double *partial) {
-#pragma omp parallel for num_threads(threads) schedule(static, 1)
-    for (int t = 0; t < threads; ++t) {
-        double *sum = partial + (int64_t)t * 2 * C, *sq = sum + C;
-        float *block = malloc(sizeof(float) * 2 * C);
-        float *bsum = block, *bsq = block + C;
-        int64_t end = row_begin(M, t + 1, threads);
-        for (int64_t r0 = row_begin(M, t, threads); r0 < end; r0 += BLOCK_ROWS) {
-            int64_t r1 = r0 + BLOCK_ROWS < end ? r0 + BLOCK_ROWS : end;
-            memset(block, 0, sizeof(float) * 2 * C);
-            for (int64_t r = r0; r < r1; ++r) {
-                const float *row = x + r * C;
-#pragma omp simd
-                for (int64_t c = 0; c < C; ++c) {
-                    float v = row[c] - shift[c];
-                    bsum[c] += v;
-                    bsq[c] += v * v;
-                }
-            }
-            for (int64_t c = 0; c < C; ++c) {
-                sum[c] += bsum[c];
-                sq[c] += bsq[c];
-            }
-        }
-        free(block);
-    }
-}
-
 /* One row of the forward: out = act((in - mean) * scale + shift). */
 static inline __attribute__((always_inline)) void forward_row(const float *in, float *out, int64_t C,
                                                               const float *mean, const float *scale,
@@ -86,17 +55,17 @@ static inline __attribute__((always_inline)) void forward_row(const float *in, f
     for (int64_t c = 0; c < C; ++c) out[c] = activate((in[c] - mean[c]) * scale[c] + shift[c], act);
 }
 
-/* One row of the backward's reduction: bsum += dz, bxmu += dz * (x - mean). */
+/* One row of the backward's reduction: a += dz, b += dz * (x - mean). */
 static inline __attribute__((always_inline)) void reduce_row(const float *xr, const float *gr, int64_t C,
                                                              const float *mean, const float *scale,
-                                                             const float *shift, float *bsum, float *bxmu,
+                                                             const float *shift, float *a, float *b,
                                                              const int act) {
 #pragma omp simd
     for (int64_t c = 0; c < C; ++c) {
         float xmu = xr[c] - mean[c];
         float dz = activation_grad(xmu * scale[c] + shift[c], gr[c], act);
-        bsum[c] += dz;
-        bxmu[c] += dz * xmu;
+        a[c] += dz;
+        b[c] += dz * xmu;
     }
 }
 
@@ -123,6 +92,50 @@ static inline __attribute__((always_inline)) void input_grad_row(const float *xr
     default: CALL(ACT_NONE); break;                                                            \
     }
 
+#define MOMENTS (-1)
+
+/* One row of the forward's moments: a += x - shift, b += (x - shift)^2. */
+static inline void moments_row(const float *xr, int64_t C, const float *shift, float *a, float *b) {
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) {
+        float v = xr[c] - shift[c];
+        a[c] += v;
+        b[c] += v * v;
+    }
+}
+
+/* Per-thread, per-channel sums over the thread's rows into partial [threads][2][C] (zeroed by the
+ * caller): with what == MOMENTS, of x - mean and (x - mean)^2 (any per-channel shift works as
+ * "mean": row 0 gives a cancellation-safe variance in one pass); else, for activation `what`, of
+ * dz and dz * (x - mean). Rows are summed in float over blocks of BLOCK_ROWS, blocks in double. */
+static void channel_sums(const float *x, const float *g, int64_t M, int64_t C, int threads, int what,
+                         const float *mean, const float *scale, const float *shift, double *partial) {
+#define REDUCE_ROW(A) reduce_row(x + r * C, g + r * C, C, mean, scale, shift, a, b, A)
+#pragma omp parallel for num_threads(threads) schedule(static, 1)
+    for (int t = 0; t < threads; ++t) {
+        double *sum_a = partial + (int64_t)t * 2 * C, *sum_b = sum_a + C;
+        float *block = malloc(sizeof(float) * 2 * C);
+        float *a = block, *b = block + C;
+        int64_t end = row_begin(M, t + 1, threads);
+        for (int64_t r0 = row_begin(M, t, threads); r0 < end; r0 += BLOCK_ROWS) {
+            int64_t r1 = r0 + BLOCK_ROWS < end ? r0 + BLOCK_ROWS : end;
+            memset(block, 0, sizeof(float) * 2 * C);
+            for (int64_t r = r0; r < r1; ++r) {
+                if (what == MOMENTS)
+                    moments_row(x + r * C, C, mean, a, b);
+                else
+                    DISPATCH(what, REDUCE_ROW)
+            }
+            for (int64_t c = 0; c < C; ++c) {
+                sum_a[c] += a[c];
+                sum_b[c] += b[c];
+            }
+        }
+        free(block);
+    }
+#undef REDUCE_ROW
+}
+
 /* y = act((x - mean) * gamma * invstd + beta) with the batch's mean and biased variance; writes
  * mean and invstd (for backward) and updates the running statistics as torch does (unbiased
  * variance, running = (1 - momentum) * running + momentum * batch). gamma and beta may be NULL
@@ -133,7 +146,7 @@ void batch_norm_act_forward(const float *x, float *y, int64_t M, int64_t C, cons
     double *partial = calloc((size_t)threads * 2 * C, sizeof(double));
     float *coeff = malloc(sizeof(float) * 3 * C);   /* mean, scale, beta per channel */
     float *mean = coeff, *scale = coeff + C, *shift = coeff + 2 * C;
-    channel_moments(x, M, C, threads, x, partial);
+    channel_sums(x, NULL, M, C, threads, MOMENTS, x, NULL, NULL, partial);
     for (int64_t c = 0; c < C; ++c) {
         double sum = 0.0, sq = 0.0;
         for (int t = 0; t < threads; ++t) {
@@ -175,25 +188,7 @@ void batch_norm_act_backward(const float *x, const float *g, float *dx, int64_t 
         scale[c] = (gamma ? gamma[c] : 1.0f) * invstd[c];
         shift[c] = beta ? beta[c] : 0.0f;
     }
-#define REDUCE_ROW(A) reduce_row(x + r * C, g + r * C, C, mean, scale, shift, bsum, bxmu, A)
-#pragma omp parallel for num_threads(threads) schedule(static, 1)
-    for (int t = 0; t < threads; ++t) {
-        double *sum = partial + (int64_t)t * 2 * C, *sxmu = sum + C;
-        float *block = malloc(sizeof(float) * 2 * C);
-        float *bsum = block, *bxmu = block + C;
-        int64_t end = row_begin(M, t + 1, threads);
-        for (int64_t r0 = row_begin(M, t, threads); r0 < end; r0 += BLOCK_ROWS) {
-            int64_t r1 = r0 + BLOCK_ROWS < end ? r0 + BLOCK_ROWS : end;
-            memset(block, 0, sizeof(float) * 2 * C);
-            for (int64_t r = r0; r < r1; ++r) DISPATCH(act, REDUCE_ROW)
-            for (int64_t c = 0; c < C; ++c) {
-                sum[c] += bsum[c];
-                sxmu[c] += bxmu[c];
-            }
-        }
-        free(block);
-    }
-#undef REDUCE_ROW
+    channel_sums(x, g, M, C, threads, act, mean, scale, shift, partial);
     for (int64_t c = 0; c < C; ++c) {
         double sum = 0.0, sxmu = 0.0;
         for (int t = 0; t < threads; ++t) {
