@@ -65,6 +65,30 @@ def test_matches_torch_batch_norm_then_activation(name, shape, scale, center):
     assert not torch.equal(ours_mean, _case(shape, scale, center)[3][0])  # the statistics did move
 
 
+@pytest.mark.parametrize("layout", ["padded window", "broadcast", "channels-last", "nchw"])
+def test_gradients_of_any_layout(layout):
+    """Autograd hands the backward a window of a padded map's gradient (after a border pad), a
+    broadcast one (after a mean), or a dense one: read in place or copied, the same gradients."""
+    x, weight, bias, (mean, var), _ = _case((3, 20, 7, 9), True, True, seed=4)
+    generator = torch.Generator().manual_seed(5)
+    if layout == "padded window":
+        padded = torch.randn(3, 20, 9, 11, generator=generator).contiguous(memory_format=torch.channels_last)
+        grad = padded[:, :, 1:8, 2:11]
+        assert grad.stride(1) == 1 and not grad.is_contiguous(memory_format=torch.channels_last)
+    elif layout == "broadcast":
+        grad = torch.randn(3, 20, 1, 1, generator=generator).expand(3, 20, 7, 9)
+    else:
+        grad = torch.randn(3, 20, 7, 9, generator=generator)
+        if layout == "channels-last":
+            grad = grad.contiguous(memory_format=torch.channels_last)
+    y = batch_norm_act.batch_norm_act(x, weight, bias, mean.clone(), var.clone(), 0.1, 1e-3, F.relu)
+    ours = torch.autograd.grad(y, (x, weight, bias), grad)
+    expected = F.relu(F.batch_norm(x, mean.clone(), var.clone(), weight, bias, True, 0.1, 1e-3))
+    theirs = torch.autograd.grad(expected, (x, weight, bias), grad.contiguous())
+    for got, want in zip(ours, theirs):
+        torch.testing.assert_close(got, want, rtol=0, atol=2e-5 * max(1.0, want.abs().max().item()))
+
+
 def test_nan_propagates_as_in_torch():
     x, weight, bias, (mean, var), _ = _case((2, 8, 4, 4), True, True)
     with torch.no_grad():

@@ -47,6 +47,20 @@ static inline __attribute__((always_inline)) float activation_grad(float z, floa
 
 static inline int64_t row_begin(int64_t rows, int t, int threads) { return rows * t / threads; }
 
+/* Where the gradient's rows are: pixel (n, h, w) at n*sN + h*sH + w*sW, its C channels contiguous.
+ * Autograd hands BN's backward e.g. a window of a padded map's gradient (the stride-2 depthwise
+ * convolutions after a border pad); reading it in place saves a copy of the whole tensor. */
+typedef struct {
+    int64_t H, W, sN, sH, sW;
+    int dense;                      /* rows at r * C */
+} Layout;
+
+static inline const float *row_of(const float *g, const Layout *layout, int64_t r, int64_t C) {
+    if (layout->dense) return g + r * C;
+    int64_t hw = layout->H * layout->W, n = r / hw, rest = r % hw;
+    return g + n * layout->sN + (rest / layout->W) * layout->sH + (rest % layout->W) * layout->sW;
+}
+
 /* One row of the forward: out = act((in - mean) * scale + shift). */
 static inline __attribute__((always_inline)) void forward_row(const float *in, float *out, int64_t C,
                                                               const float *mean, const float *scale,
@@ -108,9 +122,10 @@ static inline void moments_row(const float *xr, int64_t C, const float *shift, f
  * caller): with what == MOMENTS, of x - mean and (x - mean)^2 (any per-channel shift works as
  * "mean": row 0 gives a cancellation-safe variance in one pass); else, for activation `what`, of
  * dz and dz * (x - mean). Rows are summed in float over blocks of BLOCK_ROWS, blocks in double. */
-static void channel_sums(const float *x, const float *g, int64_t M, int64_t C, int threads, int what,
-                         const float *mean, const float *scale, const float *shift, double *partial) {
-#define REDUCE_ROW(A) reduce_row(x + r * C, g + r * C, C, mean, scale, shift, a, b, A)
+static void channel_sums(const float *x, const float *g, const Layout *g_layout, int64_t M, int64_t C,
+                         int threads, int what, const float *mean, const float *scale, const float *shift,
+                         double *partial) {
+#define REDUCE_ROW(A) reduce_row(x + r * C, row_of(g, g_layout, r, C), C, mean, scale, shift, a, b, A)
 #pragma omp parallel for num_threads(threads) schedule(static, 1)
     for (int t = 0; t < threads; ++t) {
         double *sum_a = partial + (int64_t)t * 2 * C, *sum_b = sum_a + C;
@@ -146,7 +161,7 @@ void batch_norm_act_forward(const float *x, float *y, int64_t M, int64_t C, cons
     double *partial = calloc((size_t)threads * 2 * C, sizeof(double));
     float *coeff = malloc(sizeof(float) * 3 * C);   /* mean, scale, beta per channel */
     float *mean = coeff, *scale = coeff + C, *shift = coeff + 2 * C;
-    channel_sums(x, NULL, M, C, threads, MOMENTS, x, NULL, NULL, partial);
+    channel_sums(x, NULL, NULL, M, C, threads, MOMENTS, x, NULL, NULL, partial);
     for (int64_t c = 0; c < C; ++c) {
         double sum = 0.0, sq = 0.0;
         for (int t = 0; t < threads; ++t) {
@@ -176,10 +191,13 @@ void batch_norm_act_forward(const float *x, float *y, int64_t M, int64_t C, cons
 
 /* dx (and dgamma, dbeta when not NULL) from x, the gradient g of y, and the forward's mean and
  * invstd; the BN output z is recomputed for the activation's gradient dz. Training-mode formula:
- * dx = (dz - mean(dz) - (x - mean) * invstd^2 * mean(dz * (x - mean))) * gamma * invstd. */
+ * dx = (dz - mean(dz) - (x - mean) * invstd^2 * mean(dz * (x - mean))) * gamma * invstd.
+ * x and dx are dense rows; g's pixel (n, h, w) starts at n*g_sN + h*g_sH + w*g_sW (M = N*H*W). */
 void batch_norm_act_backward(const float *x, const float *g, float *dx, int64_t M, int64_t C,
                              const float *gamma, const float *beta, const float *mean, const float *invstd,
-                             int act, int threads, float *dgamma, float *dbeta) {
+                             int act, int threads, float *dgamma, float *dbeta, int64_t H, int64_t W,
+                             int64_t g_sN, int64_t g_sH, int64_t g_sW) {
+    const Layout g_layout = {H, W, g_sN, g_sH, g_sW, g_sW == C && g_sH == W * C && g_sN == H * W * C};
     double *partial = calloc((size_t)threads * 2 * C, sizeof(double));
     float *coeff = malloc(sizeof(float) * 5 * C);
     float *scale = coeff, *shift = coeff + C, *k_mean = coeff + 2 * C, *k_xmu = coeff + 3 * C,
@@ -188,7 +206,7 @@ void batch_norm_act_backward(const float *x, const float *g, float *dx, int64_t 
         scale[c] = (gamma ? gamma[c] : 1.0f) * invstd[c];
         shift[c] = beta ? beta[c] : 0.0f;
     }
-    channel_sums(x, g, M, C, threads, act, mean, scale, shift, partial);
+    channel_sums(x, g, &g_layout, M, C, threads, act, mean, scale, shift, partial);
     for (int64_t c = 0; c < C; ++c) {
         double sum = 0.0, sxmu = 0.0;
         for (int t = 0; t < threads; ++t) {
@@ -203,7 +221,7 @@ void batch_norm_act_backward(const float *x, const float *g, float *dx, int64_t 
         k_out[c] = (float)((gamma ? gamma[c] : 1.0) * inv);
     }
     if (dx) {
-#define INPUT_GRAD_ROW(A) input_grad_row(x + r * C, g + r * C, dx + r * C, C, mean, scale, shift, k_mean, k_xmu, k_out, A)
+#define INPUT_GRAD_ROW(A) input_grad_row(x + r * C, row_of(g, &g_layout, r, C), dx + r * C, C, mean, scale, shift, k_mean, k_xmu, k_out, A)
 #pragma omp parallel for num_threads(threads) schedule(static)
         for (int64_t r = 0; r < M; ++r) DISPATCH(act, INPUT_GRAD_ROW)
 #undef INPUT_GRAD_ROW

@@ -40,7 +40,8 @@ _P, _I = ctypes.c_void_p, ctypes.c_int64
 _FUNCTIONS = {
     "batch_norm_act_forward": [_P, _P, _I, _I, _P, _P, _P, _P, ctypes.c_double, ctypes.c_double,
                                ctypes.c_int, ctypes.c_int, _P, _P],
-    "batch_norm_act_backward": [_P, _P, _P, _I, _I, _P, _P, _P, _P, ctypes.c_int, ctypes.c_int, _P, _P],
+    "batch_norm_act_backward": [_P, _P, _P, _I, _I, _P, _P, _P, _P, ctypes.c_int, ctypes.c_int, _P, _P,
+                                _I, _I, _I, _I, _I],
 }
 
 
@@ -108,7 +109,15 @@ class _BatchNormAct(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> tuple[Optional[Tensor], ...]:
         x, weight, bias, mean, invstd = ctx.saved_tensors
         rows, channels = _rows(x)
-        grad = grad.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else grad.contiguous()
+        if x.dim() == 4:
+            if grad.stride(1) != 1 or grad.shape[1] == 1:  # the kernel reads rows of contiguous channels
+                grad = grad.contiguous(memory_format=torch.channels_last)
+            height, width = x.shape[2:]
+            strides = grad.stride(0), grad.stride(2), grad.stride(3)
+        else:
+            grad = grad.contiguous()
+            height = width = 1
+            strides = channels, channels, channels
         need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
         dx = torch.empty_like(x) if need_x else None
         dweight = torch.empty(channels) if need_weight else None
@@ -116,7 +125,7 @@ class _BatchNormAct(torch.autograd.Function):
         _load().batch_norm_act_backward(
             x.data_ptr(), grad.data_ptr(), _pointer(dx), rows, channels, _pointer(weight), _pointer(bias),
             mean.data_ptr(), invstd.data_ptr(), ctx.kind, torch.get_num_threads(), _pointer(dweight),
-            _pointer(dbias))
+            _pointer(dbias), height, width, *strides)
         return dx, dweight, dbias, None, None, None, None, None
 
 
