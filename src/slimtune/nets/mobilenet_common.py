@@ -30,8 +30,8 @@ from ..errors import ConfigError
 from .base import SlimNet, pooled_features
 from .batch_norm_act import RELU6, register_activation
 from .depthwise_grad import depthwise_conv2d
-from .layers import (Activation, Conv2d, DepthwiseConv2d, NormFactory, check_keep_prob, dropout_module,
-                     reduce_mean_hw, truncated_normal_)
+from .layers import (Activation, BatchNorm, Conv2d, DepthwiseConv2d, NormFactory, check_keep_prob,
+                     dropout_module, reduce_mean_hw, truncated_normal_)
 
 
 class _ReLU6InPlace(torch.autograd.Function):
@@ -146,6 +146,8 @@ class SeparableConv2d(Conv2d):
             pointwise, bias = self._folded(pointwise, bias)
         x = F.conv2d(x, pointwise, bias)
         if self.BatchNorm is not None and not fold:
+            if isinstance(self.BatchNorm, BatchNorm):
+                return self.BatchNorm.normalize_and_activate(x, self.activation)
             x = self.BatchNorm(x)
         if self.activation is not None:
             x = self.activation(x)

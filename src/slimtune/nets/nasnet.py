@@ -412,7 +412,6 @@ class Cell(nn.Module):
                 hit = activations[id(x)] = (x, _activation(x, bounded))
             return hit[1]
 
-        raw_prev = self.prev_mode == "same" and prev is not None
         if self.prev_mode == "input" or prev is None:
             prev = net
         elif self.prev_mode == "reduce":
@@ -424,14 +423,13 @@ class Cell(nn.Module):
         activated_net = activate_input(net)
         hidden = [_conv_bn(self._modules["1x1"], self.beginning_bn, activated_net), prev]
         # Hidden state index -> its activation, computed once however many operations read it.
-        activated: dict[int, Tensor] = {1: activated_net} if prev is net else {}
+        activated: dict[int, Tensor] = {}
 
         def run(operation: Operation, index: int) -> Tensor:
             if not operation.reads_activated_input:
                 return operation(hidden[index], keep_prob)
-            if index not in activated:
-                raw_output = index == 1 and raw_prev  # the previous layer's output itself
-                activated[index] = activate_input(hidden[index]) if raw_output else _activation(hidden[index], bounded)
+            if index not in activated:  # state 1 may be a cell output (or the input) read elsewhere too
+                activated[index] = activate_input(hidden[index]) if index == 1 else _activation(hidden[index], bounded)
             return operation(hidden[index], keep_prob, activated[index])
 
         indices = self.spec.hiddenstate_indices
