@@ -133,8 +133,8 @@ print(len(messages), depthwise_grad.kernel_calls, messages[0])
 
 def test_kernel_is_cached_per_machine(tmp_path):
     """A second process finds the compiled kernel in the cache instead of compiling it again."""
-    script = ("from slimtune.nets import depthwise_grad as d, layers; import sys; "
-              "print(d.kernel_available(), sorted(p.name for p in d.kernel_dir().iterdir()))")
+    script = ("from slimtune.nets import depthwise_grad as d, native; "
+              "print(d.kernel_available(), sorted(p.name for p in native.kernel_dir().iterdir()))")
     env = {**os.environ, "SLIMTUNE_HOME": str(tmp_path), "PYTHONPATH": str(REPO / "src")}
     first = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr

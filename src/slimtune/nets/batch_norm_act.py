@@ -17,7 +17,6 @@ anything else runs torch's BatchNorm and activation. `SLIMTUNE_BATCH_NORM_KERNEL
 from __future__ import annotations
 
 import ctypes
-import os
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -25,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .native import load_kernel
+from .native import capturing_graph, kernel_enabled, load_kernel
 
 _SOURCE = Path(__file__).with_name("batch_norm_act.c")
 NONE, RELU, RELU6, HARD_SWISH = 0, 1, 2, 3
@@ -47,8 +46,7 @@ _FUNCTIONS = {
 
 def register_activation(function: Callable[[Tensor], Tensor], kind: int) -> Callable[[Tensor], Tensor]:
     """Declare that `function` computes activation `kind` (RELU, RELU6, HARD_SWISH) with torch's
-    semantics, so a BatchNorm before it may run fused; returns `function` (usable as a decorator
-    through functools.partial)."""
+    semantics, so a BatchNorm before it may run fused; returns `function`."""
     ACTIVATION_KINDS[function] = kind
     return function
 
@@ -62,7 +60,7 @@ def activation_kind(function: Any) -> Optional[int]:
 
 
 def _enabled() -> bool:
-    return os.environ.get("SLIMTUNE_BATCH_NORM_KERNEL", "1") not in ("0", "false", "off")
+    return kernel_enabled("SLIMTUNE_BATCH_NORM_KERNEL")
 
 
 def _load() -> Optional[ctypes.CDLL]:
@@ -142,8 +140,8 @@ def batch_norm_act(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], 
     shape = _rows(x)
     if shape is None or shape[0] < 2 or torch.is_autocast_enabled("cpu"):
         return None
-    if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling():
-        return None  # a graph being captured keeps torch's own operations
+    if capturing_graph():
+        return None
     for tensor in (weight, bias, running_mean, running_var):
         if tensor is not None and (tensor.dtype != torch.float32 or not tensor.is_contiguous()
                                    or tensor.device.type != "cpu" or tensor.shape != (shape[1],)):

@@ -17,7 +17,6 @@ requirement. The first fallback caused by a missing compiler says so in one warn
 from __future__ import annotations
 
 import ctypes
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -25,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .native import kernel_dir, load_kernel  # noqa: F401  (kernel_dir: where the build goes)
+from .native import kernel_enabled, load_kernel
 
 _SOURCE = Path(__file__).with_name("depthwise_grad.c")
 #: torch's own weight gradient is the faster one up to 3x3 kernels (oneDNN has a dedicated 3x3 path;
@@ -37,7 +36,7 @@ kernel_calls = 0
 
 
 def _enabled() -> bool:
-    return os.environ.get("SLIMTUNE_DEPTHWISE_KERNEL", "1") not in ("0", "false", "off")
+    return kernel_enabled("SLIMTUNE_DEPTHWISE_KERNEL")
 
 
 def _load() -> Optional[ctypes.CDLL]:

@@ -455,12 +455,12 @@ def _pool_kernel(x: Tensor, kernel: tuple[int, int], stride: tuple[int, int], pa
     if x.dim() != 4 or stride != (1, 1):
         return None
     height, width = x.shape[-2:]
-    if padding == "SAME":
+    if padding == "SAME":  # stride 1: the output is the input's size
         left, _, top, _ = _same_pads(x, kernel, stride, (1, 1))
-        out_size = (-(-height // stride[0]), -(-width // stride[1]))
+        out_size = (height, width)
     else:
         top = left = 0
-        out_size = ((height - kernel[0]) // stride[0] + 1, (width - kernel[1]) // stride[1] + 1)
+        out_size = (height - kernel[0] + 1, width - kernel[1] + 1)
     if min(out_size) < 1:
         return None  # torch's error for a window larger than the input
     return pool2d(x, kernel, stride, top, left, out_size, is_max)

@@ -22,12 +22,25 @@ import warnings
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+import torch
+
 from ..utils.home import slimtune_home
 
 _COMPILERS = ("cc", "gcc", "clang")
 _lock = threading.Lock()
 # source path -> the loaded library, or the reason it could not be built (str)
 _loaded: dict[Path, Any] = {}
+
+
+def kernel_enabled(variable: str) -> bool:
+    """False when the environment variable `variable` (each kernel's off switch) is 0, false or off."""
+    return os.environ.get(variable, "1") not in ("0", "false", "off")
+
+
+def capturing_graph() -> bool:
+    """True while torch.jit or torch.compile captures a graph: it keeps torch's own operations,
+    which it can trace, instead of a call into a C library."""
+    return torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling()
 
 
 def kernel_dir() -> Path:

@@ -5,22 +5,21 @@ a multiple of its vector width; NASNet's and PNASNet's cells pool 11 to 88 chann
 slower there (a 16x22x56x56 3x3 max pool: 4.3 ms, 0.5 ms here). With stride 1 the kernel
 vectorizes over whole rows of pixels and channels. It computes TF's windows directly (padded
 positions never win a max and are not counted in an average), so it needs no padded copy either.
-The layers use it for stride-1 pooling (see layers._pool_kernel). It runs without autograd only (training
-keeps torch's pooling and its gradient), on CPU float32 channels-last maps;
+The layers use it for stride-1 pooling (see layers._pool_kernel). It runs without autograd only
+(training keeps torch's pooling and its gradient), on CPU float32 channels-last maps;
 `SLIMTUNE_POOL_KERNEL=0` turns it off.
 """
 
 from __future__ import annotations
 
 import ctypes
-import os
 from pathlib import Path
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from .native import load_kernel
+from .native import capturing_graph, kernel_enabled, load_kernel
 
 _SOURCE = Path(__file__).with_name("pool2d.c")
 _I = ctypes.c_int64
@@ -30,7 +29,7 @@ kernel_calls = 0
 
 
 def _enabled() -> bool:
-    return os.environ.get("SLIMTUNE_POOL_KERNEL", "1") not in ("0", "false", "off")
+    return kernel_enabled("SLIMTUNE_POOL_KERNEL")
 
 
 def _load() -> Optional[ctypes.CDLL]:
@@ -49,7 +48,7 @@ def pool2d(x: Tensor, kernel: tuple[int, int], stride: tuple[int, int], top: int
         return None
     if not x.is_contiguous(memory_format=torch.channels_last) or x.is_contiguous():
         return None  # plain NCHW (or a map where both layouts coincide): torch's kernels
-    if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling():
+    if capturing_graph():
         return None
     library = _load()
     if library is None:
