@@ -29,26 +29,57 @@ def _both(module, x, monkeypatch):
 
 
 @pytest.mark.parametrize("pool", [layers.MaxPool2d, layers.AvgPool2d])
-@pytest.mark.parametrize("channels,size,kernel,padding", [(11, 56, 3, "SAME"), (44, 28, 3, "SAME"), (22, 9, 5, "SAME"),
-                                                          (192, 8, 3, "SAME"), (7, 13, 3, "VALID"), (3, 6, 5, "VALID")])
-def test_equals_torch_bit_for_bit(pool, channels, size, kernel, padding, monkeypatch):
-    x = _channels_last(2, channels, size, size + 1)
-    ours, theirs, used = _both(pool(kernel, 1, padding), x, monkeypatch)
+@pytest.mark.parametrize("channels,size,kernel,stride,padding", [
+    (11, 56, 3, 1, "SAME"), (44, 28, 3, 1, "SAME"), (22, 9, 5, 1, "SAME"), (192, 8, 3, 1, "SAME"),
+    (7, 13, 3, 1, "VALID"), (3, 6, 5, 1, "VALID"),
+    # strided: even and odd sizes (TF's SAME pads one side only when the total is odd), a 2x2 window,
+    # stride 3, and VALID windows that leave the last columns unread
+    (11, 111, 3, 2, "SAME"), (22, 56, 3, 2, "SAME"), (5, 10, 2, 2, "SAME"), (13, 17, 5, 3, "SAME"),
+    (8, 15, 3, 2, "VALID"), (63, 12, 3, 2, "VALID")])
+def test_equals_torch_bit_for_bit(pool, channels, size, kernel, stride, padding, monkeypatch):
+    # A strided average whose rows and columns TF pads differently is not one torch pooling
+    # (layers.AvgPool2d then divides a padded map's sums by counts): the float64 test below covers
+    # it; here the width is the height plus the stride, so both are padded alike.
+    width = size + stride if pool is layers.AvgPool2d and stride > 1 else size + 1
+    x = _channels_last(2, channels, size, width)
+    ours, theirs, used = _both(pool(kernel, stride, padding), x, monkeypatch)
     assert used == 1
     assert ours.shape == theirs.shape and ours.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(ours, theirs)
 
 
+@pytest.mark.parametrize("channels,height,width,kernel,stride", [(11, 111, 112, 3, 2), (13, 17, 19, 5, 3),
+                                                                  (4, 9, 6, 3, 2)])
+def test_strided_average_is_the_exact_mean_rounded_once(channels, height, width, kernel, stride, monkeypatch):
+    # TF's SAME pads these rows and columns differently (111 rows: one above and one below; 112
+    # columns: one on the right), which torch's pooling cannot express: each output must be the
+    # float32 sum of its window's pixels inside the map divided by their count.
+    x = _channels_last(2, channels, height, width)
+    ours, theirs, used = _both(layers.AvgPool2d(kernel, stride, "SAME"), x, monkeypatch)
+    assert used == 1
+    left, right, top, bottom = layers._same_pads(x, (kernel, kernel), (stride, stride), (1, 1))
+    padded = torch.nn.functional.pad(x.double(), (left, right, top, bottom))
+    inside = torch.nn.functional.pad(torch.ones(1, 1, height, width, dtype=torch.float64), (left, right, top, bottom))
+    exact = torch.nn.functional.avg_pool2d(padded, kernel, stride) / torch.nn.functional.avg_pool2d(inside, kernel, stride)
+    assert ours.shape == exact.shape
+    # a float32 sum of up to kernel**2 terms, each step rounded, then one rounded division
+    error = (ours.double() - exact).abs().max()
+    assert error <= kernel * kernel * torch.finfo(torch.float32).eps * x.abs().max()
+    assert error <= (theirs.double() - exact).abs().max()
+
+
 @pytest.mark.parametrize("pool", [layers.MaxPool2d, layers.AvgPool2d])
-def test_nan_and_infinity_as_torch(pool, monkeypatch):
+@pytest.mark.parametrize("stride", [1, 2])
+def test_nan_and_infinity_as_torch(pool, stride, monkeypatch):
     x = _channels_last(1, 12, 7, 7)
     with torch.no_grad():
         x[0, 2, 3, 3] = float("nan")
         x[0, 5, 0, 0] = float("-inf")
         x[0, 6, 6, 6] = float("inf")
-    ours, theirs, used = _both(pool(3, 1, "SAME"), x, monkeypatch)
+    ours, theirs, used = _both(pool(3, stride, "SAME"), x, monkeypatch)
     assert used == 1
-    assert torch.equal(ours.isnan(), theirs.isnan()) and ours[0, 2, 2:5, 2:5].isnan().all()
+    window = slice(2, 5) if stride == 1 else slice(1, 3)  # the outputs whose windows hold pixel (3, 3)
+    assert torch.equal(ours.isnan(), theirs.isnan()) and ours[0, 2, window, window].isnan().all()
     assert torch.equal(torch.nan_to_num(ours), torch.nan_to_num(theirs))
 
 
@@ -57,7 +88,7 @@ def test_only_where_it_applies(monkeypatch):
     x = _channels_last(2, 11, 10, 10)
     calls = pool2d.kernel_calls
     with torch.no_grad():
-        layers.MaxPool2d(3, 2, "SAME")(x)  # stride 2: torch's
+        layers.MaxPool2d(3, 2, "SAME")(_channels_last(2, 64, 10, 10))  # strided with 64 channels: torch's
         layers.MaxPool2d(3, 1, "SAME")(x.contiguous())  # NCHW: torch's
         layers.AvgPool2d(3, 1, "SAME")(x.double())  # float64: torch's
     pooled = layers.MaxPool2d(3, 1, "SAME")(x.requires_grad_())  # autograd: torch's, with its gradient

@@ -2,12 +2,13 @@
 
 torch 2.14's channels-last pooling vectorizes over channels only, and for channel counts that are
 a multiple of its vector width; NASNet's and PNASNet's cells pool 11 to 88 channels and ran 3-14x
-slower there (a 16x22x56x56 3x3 max pool: 4.3 ms, 0.5 ms here). With stride 1 the kernel
-vectorizes over whole rows of pixels and channels. It computes TF's windows directly (padded
-positions never win a max and are not counted in an average), so it needs no padded copy either.
-The layers use it for stride-1 pooling (see layers._pool_kernel). It runs without autograd only
-(training keeps torch's pooling and its gradient), on CPU float32 channels-last maps;
-`SLIMTUNE_POOL_KERNEL=0` turns it off.
+slower there (a 16x22x56x56 3x3 max pool: 4.3 ms, 0.5 ms here). The kernel vectorizes over whole
+rows of pixels and channels (a strided row is first split into its column phases). It computes TF's
+windows directly (padded positions never win a max and are not counted in an average), so it needs
+no padded copy either. The layers use it for every stride-1 pooling and for strided pooling of
+fewer than 64 channels (see layers._pool_kernel). It runs without autograd only (training keeps
+torch's pooling and its gradient), on CPU float32 channels-last maps; `SLIMTUNE_POOL_KERNEL=0`
+turns it off.
 """
 
 from __future__ import annotations
