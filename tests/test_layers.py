@@ -148,3 +148,32 @@ def test_fold_batch_norm_equals_conv_then_moving_statistics_batch_norm() -> None
     folded_kernel, folded_bias = fold_batch_norm(kernel, bias, norm)
     expected = norm(F.conv2d(x, kernel, bias))
     torch.testing.assert_close(F.conv2d(x, folded_kernel, folded_bias), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kernel,stride,height,width", [(3, 1, 9, 9), (3, 2, 11, 11), (5, 3, 10, 10)])
+def test_average_pool_with_explicit_padding_has_the_same_values_and_gradients(monkeypatch, kernel, stride,
+                                                                               height, width) -> None:
+    """On CUDA, training takes the explicit-padding path (torch's channels-last avg_pool2d backward
+    with padding was wrong there): forced here on the CPU, it gives torch's padding's values and
+    gradients (float64: only the summation order differs)."""
+    from slimtune.nets import layers
+
+    generator = torch.Generator().manual_seed(kernel + stride)
+    x = torch.randn(2, 5, height, width, generator=generator, dtype=torch.float64)
+    x = x.contiguous(memory_format=torch.channels_last)
+    weights = torch.randn(2, 5, -(-height // stride), -(-width // stride), generator=generator, dtype=torch.float64)
+    monkeypatch.setenv("SLIMTUNE_POOL_KERNEL", "0")
+    results = []
+    real_pad2d = layers.pad2d
+    for forced in (False, True):
+        monkeypatch.setattr(layers, "_cuda_padded_pool_gradient_is_unsafe", lambda t, forced=forced: forced)
+        calls: list = []
+        monkeypatch.setattr(layers, "pad2d", lambda *a, calls=calls, **k: calls.append(a[1]) or real_pad2d(*a, **k))
+        leaf = x.clone().requires_grad_()
+        out = layers.AvgPool2d(kernel, stride, "SAME")(leaf)
+        (out * weights).sum().backward()
+        results.append((out.detach(), leaf.grad, len(calls)))
+    (plain, plain_grad, plain_pads), (explicit, explicit_grad, explicit_pads) = results
+    assert plain_pads == 0 and explicit_pads == 1  # the forced run did take the explicit path
+    torch.testing.assert_close(explicit, plain, rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(explicit_grad, plain_grad, rtol=1e-14, atol=1e-14)

@@ -160,7 +160,13 @@ class BatchNorm(nn.Module):
             from .sync_batch_norm import group_of, sync_batch_norm
 
             return sync_batch_norm(x, self, group_of(self.sync_group))
-        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+        weight = self.weight
+        if weight is None and self.bias is not None and x.is_cuda:
+            # slim's default BN (beta, no gamma) is rare in torch: torch 2.11's CUDA backward of a
+            # channels-last batch norm without a weight returned an empty bias gradient (an error
+            # at backward, seen on an H200). A constant gamma of ones computes the same values.
+            weight = _ones(self.num_features, x)
+        return F.batch_norm(x, self.running_mean, self.running_var, weight, self.bias,
                             use_batch_stats, 1.0 - self.decay, self.eps)
 
     def normalize_and_activate(self, x: Tensor, activation: Activation) -> Tensor:
@@ -184,6 +190,19 @@ class BatchNorm(nn.Module):
     def extra_repr(self) -> str:
         return (f"{self.num_features}, eps={self.eps}, decay={self.decay}, "
                 f"scale={self.weight is not None}, center={self.bias is not None}, frozen={self.frozen}")
+
+
+def _ones(size: int, like: Tensor) -> Tensor:
+    """A constant vector of ones on `like`'s device and dtype (no gradient)."""
+    return torch.ones(size, dtype=like.dtype, device=like.device)
+
+
+def _cuda_padded_pool_gradient_is_unsafe(x: Tensor) -> bool:
+    """True when torch's own padding in an average pooling would meet a torch bug: on CUDA the
+    channels-last backward of avg_pool2d with padding > 0 returned silently wrong input gradients
+    (pytorch/pytorch#188344, fixed in mid-2026; seen in torch 2.11 on an H200: NASNet's first
+    gradient off by 100%). The padding is then made explicit, where torch's padding is 0."""
+    return x.is_cuda and torch.is_grad_enabled() and x.requires_grad and _is_channels_last(x)
 
 
 def _distributed() -> bool:
@@ -514,7 +533,8 @@ class AvgPool2d(nn.Module):
         left, right, top, bottom = _same_pads(x, self.kernel_size, self.stride, (1, 1))
         rows = _torch_pool_windows(x.shape[-2], self.kernel_size[0], self.stride[0], top)
         cols = _torch_pool_windows(x.shape[-1], self.kernel_size[1], self.stride[1], left)
-        if rows is not None and cols is not None and rows[1] == cols[1]:
+        if (rows is not None and cols is not None and rows[1] == cols[1]
+                and not (max(rows[0], cols[0]) > 0 and _cuda_padded_pool_gradient_is_unsafe(x))):
             # Torch's windows are TF's, and count_include_pad=False divides by the pixels each
             # window covers inside the input (TF's count), wherever the window ends.
             return F.avg_pool2d(x, self.kernel_size, self.stride, (rows[0], cols[0]), ceil_mode=rows[1],
