@@ -171,8 +171,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=15)
     parser.add_argument("--images", type=int, default=4096, help="JPEGs in the generated folder")
     parser.add_argument("--workers", type=int, default=None, help="loader workers per process (default: cores / processes)")
+    parser.add_argument("--sharing_strategy", choices=("file_descriptor", "file_system"), default=None,
+                        help="how loader workers hand tensors over (torch.multiprocessing); file_system where "
+                             "the sandbox refuses to pass file descriptors (gVisor: 'Bad file descriptor')")
     parser.add_argument("--out", default=str(HERE / "results" / "train_gpu.md"))
     args = parser.parse_args(argv)
+    if args.sharing_strategy:
+        torch.multiprocessing.set_sharing_strategy(args.sharing_strategy)
 
     rank, world, local_rank = _distributed()
     device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
@@ -185,8 +190,12 @@ def main(argv: list[str] | None = None) -> None:
         if world > 1:
             torch.distributed.broadcast_object_list([str(root)], src=0)
             torch.distributed.barrier()
-        rows = [measure(net, pipeline, args, root, device, rank, world)
-                for net in args.nets.split(",") for pipeline in args.pipelines.split(",")]
+        rows = []
+        for net in args.nets.split(","):
+            for pipeline in args.pipelines.split(","):
+                rows.append(measure(net, pipeline, args, root, device, rank, world))
+                if rank == 0:  # as it comes: a later pipeline that fails leaves the earlier figures
+                    print(f"{net} {pipeline}: {rows[-1]['images_per_sec']:.0f} images/s", flush=True)
     if rank == 0:
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (no CUDA: not a GPU figure)"
         lines = [f"# bench_train_gpu.py — {time.strftime('%Y-%m-%d %H:%M')}, {world} x {name}", "",
