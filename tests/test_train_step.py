@@ -133,9 +133,11 @@ def test_fp16_on_cpu_is_one_line_naming_the_valid_choices(tmp_path, capsys):
 
 
 def test_amp_is_the_deprecated_spelling_of_bf16_on_cpu(tmp_path):
-    via_amp = train(lenet_config(tmp_path / "amp", max_number_of_steps=3, deterministic=True, amp=True))
+    # on the CPU (the default device is CUDA where there is one, and there amp means fp16)
+    via_amp = train(lenet_config(tmp_path / "amp", max_number_of_steps=3, deterministic=True, amp=True,
+                                 device="cpu"))
     via_precision = train(lenet_config(tmp_path / "bf16", max_number_of_steps=3, deterministic=True,
-                                       precision="bf16"))
+                                       precision="bf16", device="cpu"))
     a, b = load_file(str(via_amp.checkpoint)), load_file(str(via_precision.checkpoint))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert mechanics.autocast_dtype("fp32", True, torch.device("cuda")) == torch.float16
