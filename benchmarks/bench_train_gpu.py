@@ -70,6 +70,10 @@ def _gpu_batches(root: Path, batch_size: int, image_size: int, device: torch.dev
         def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
             return read_file(str(files[index])), classes.index(files[index].parent.name)
 
+    if workers:
+        from slimtune.data.loader import ensure_workers_can_share_tensors
+
+        ensure_workers_can_share_tensors()  # as slimtune's own loader does (gVisor refuses descriptors)
     loader = torch.utils.data.DataLoader(Bytes(), batch_size=batch_size, shuffle=True, drop_last=True,
                                          num_workers=workers, collate_fn=lambda items: list(zip(*items)),
                                          persistent_workers=workers > 0)
@@ -172,8 +176,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--images", type=int, default=4096, help="JPEGs in the generated folder")
     parser.add_argument("--workers", type=int, default=None, help="loader workers per process (default: cores / processes)")
     parser.add_argument("--sharing_strategy", choices=("file_descriptor", "file_system"), default=None,
-                        help="how loader workers hand tensors over (torch.multiprocessing); file_system where "
-                             "the sandbox refuses to pass file descriptors (gVisor: 'Bad file descriptor')")
+                        help="how loader workers hand tensors over (torch.multiprocessing); by default "
+                             "file_descriptor unless a probe finds this system refuses them (as gVisor did)")
     parser.add_argument("--out", default=str(HERE / "results" / "train_gpu.md"))
     args = parser.parse_args(argv)
     if args.sharing_strategy:

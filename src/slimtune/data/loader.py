@@ -19,6 +19,7 @@ import atexit
 import functools
 import multiprocessing  # imported before our atexit handler registers, so its own runs after ours
 import inspect
+import logging
 import math
 import os
 import random
@@ -33,6 +34,8 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_
 from ..errors import ConfigError
 from .base import ImageSource, StreamSource
 from .decode import BadImageError, open_image
+
+logger = logging.getLogger(__name__)
 
 Transform = Callable[..., torch.Tensor]
 BAD_IMAGE_POLICIES = ("skip", "fail")
@@ -399,6 +402,52 @@ def _kill_leftover_workers() -> None:
 atexit.register(_kill_leftover_workers)
 
 
+def _probe_fd_sharing() -> None:
+    """In a forked child: share a tensor's memory by file descriptor the way a loader worker hands
+    a batch over (torch.multiprocessing's reduce_storage), exiting 0 when that works."""
+    try:
+        shared = torch.empty(16).share_memory_()  # as a worker's collate allocates a batch
+        fd, _ = shared.untyped_storage()._share_fd_cpu_()
+        os.close(os.dup(fd))
+    except Exception:  # noqa: BLE001 - any failure means workers could not hand tensors over
+        os._exit(1)
+    os._exit(0)
+
+
+@functools.lru_cache(maxsize=None)
+def ensure_workers_can_share_tensors() -> str:
+    """Make loader workers able to hand tensors to this process; return the sharing strategy.
+
+    torch passes a worker's tensors as file descriptors of shared memory. Some sandboxes refuse
+    that (on a gVisor machine, duplicating the descriptor failed with 'Bad file descriptor' in the
+    worker's queue thread, and the main process waited for that batch forever); a process out of
+    descriptors fails the same way. A forked child tries it once per process; where it fails,
+    workers share through named files instead (torch's 'file_system' strategy), said in one line.
+    """
+    import torch.multiprocessing as torch_mp
+
+    strategy = torch_mp.get_sharing_strategy()
+    if strategy != "file_descriptor" or "fork" not in multiprocessing.get_all_start_methods() \
+            or not hasattr(torch.UntypedStorage, "_share_fd_cpu_"):
+        return strategy
+    child = multiprocessing.get_context("fork").Process(target=_probe_fd_sharing, daemon=True)
+    try:
+        child.start()
+    except OSError:  # no process to probe with: the loader's own workers will say why
+        return strategy
+    child.join(60)
+    if child.exitcode is None:
+        child.kill()
+        child.join()
+    if child.exitcode != 0 and "file_system" in torch_mp.get_all_sharing_strategies():
+        torch_mp.set_sharing_strategy("file_system")
+        logger.warning("this system does not let processes pass shared-memory file descriptors (a sandbox such as "
+                       "gVisor, or no descriptors left): loader workers hand batches over through named "
+                       "shared-memory files instead (torch's 'file_system' sharing strategy)")
+        return "file_system"
+    return strategy
+
+
 def build_loader(source: ImageSource | StreamSource, transform: Transform, image_size: tuple[int, int], *,
                  batch_size: int, training: bool, channels: int = 3, num_workers: int = 0, seed: int = 0,
                  on_bad_image: str = "skip", rank: int = 0, world_size: int = 1, drop_last: Optional[bool] = None,
@@ -413,6 +462,8 @@ def build_loader(source: ImageSource | StreamSource, transform: Transform, image
     access; a run resumed at another world size keeps its epochs this way).
     """
     draft = training if draft is None else draft
+    if num_workers:
+        ensure_workers_can_share_tensors()
     maker = _SampleMaker(transform, image_size, channels, source.multi_label, on_bad_image, draft, seed,
                          labels_offset)
     drop_last = training if drop_last is None else drop_last
