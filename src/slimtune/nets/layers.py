@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from ..errors import ConfigError
 from .batch_norm_act import batch_norm_act
 from .depthwise_grad import depthwise_conv2d
+from .native import capturing_graph
 from .pool2d import pool2d
 
 IntPair = Union[int, Sequence[int]]
@@ -476,7 +477,7 @@ def _pool_kernel(x: Tensor, kernel: tuple[int, int], stride: tuple[int, int], pa
     """TF's SAME / VALID pooling from pool2d's C kernel (inference, channels-last), or None. Every
     stride-1 pooling (1.3-14x torch's over NASNet's, PNASNet's and Inception's pools, 2026-12-04,
     batch 16) and strided pooling of few channels (see STRIDED_POOL_KERNEL_MAX_CHANNELS)."""
-    if x.dim() != 4:
+    if x.dim() != 4 or capturing_graph():  # an exported graph keeps torch's pooling
         return None
     if stride != (1, 1) and x.shape[1] > STRIDED_POOL_KERNEL_MAX_CHANNELS:
         return None
