@@ -14,8 +14,9 @@
  * Rows of output (n, ho) are split between threads.
  */
 #include <math.h>
+#include <omp.h>
+#include <stddef.h>
 #include <stdint.h>
-#include <stdlib.h>
 
 /* acc[i] = max(acc[i], src[i]) or acc[i] += src[i] for i < n. */
 static inline void accumulate(float *acc, const float *src, int64_t n, int is_max) {
@@ -42,14 +43,15 @@ static void split_phases(const float *in, float *phases, int64_t W, int64_t C, i
     }
 }
 
-void pool2d_nhwc(const float *x, float *y, int64_t N, int64_t H, int64_t W, int64_t C, int64_t Ho, int64_t Wo,
-                 int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t top, int64_t left, int is_max,
+/* `scratch`: with a column stride sw > 1, threads x sw x ceil(W / sw) x C floats (one split row
+ * per thread); unused with stride 1. */
+void pool2d_nhwc(const float *x, float *y, float *scratch, int64_t N, int64_t H, int64_t W, int64_t C, int64_t Ho,
+                 int64_t Wo, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t top, int64_t left, int is_max,
                  int threads) {
     const int64_t phase_width = (W + sw - 1) / sw;
 #pragma omp parallel num_threads(threads)
     {
-        /* one split row per thread (unused with stride 1) */
-        float *phases = sw > 1 ? (float *)malloc(sizeof(float) * sw * phase_width * C) : NULL;
+        float *phases = sw > 1 ? scratch + omp_get_thread_num() * sw * phase_width * C : NULL;
 #pragma omp for schedule(static)
         for (int64_t row = 0; row < N * Ho; ++row) {
             int64_t n = row / Ho, ho = row % Ho;
@@ -91,6 +93,5 @@ void pool2d_nhwc(const float *x, float *y, int64_t N, int64_t H, int64_t W, int6
                 }
             }
         }
-        free(phases);
     }
 }

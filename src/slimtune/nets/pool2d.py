@@ -24,7 +24,7 @@ from .native import capturing_graph, kernel_enabled, load_kernel
 
 _SOURCE = Path(__file__).with_name("pool2d.c")
 _I = ctypes.c_int64
-_FUNCTIONS = {"pool2d_nhwc": [ctypes.c_void_p, ctypes.c_void_p] + [_I] * 12 + [ctypes.c_int, ctypes.c_int]}
+_FUNCTIONS = {"pool2d_nhwc": [ctypes.c_void_p] * 3 + [_I] * 12 + [ctypes.c_int, ctypes.c_int]}
 #: How many poolings the kernel computed in this process (tests read it).
 kernel_calls = 0
 
@@ -56,7 +56,11 @@ def pool2d(x: Tensor, kernel: tuple[int, int], stride: tuple[int, int], top: int
         return None
     batch, channels, height, width = x.shape
     out = torch.empty((batch, channels, *out_size), dtype=x.dtype, memory_format=torch.channels_last)
-    library.pool2d_nhwc(x.data_ptr(), out.data_ptr(), batch, height, width, channels, out_size[0], out_size[1],
-                        kernel[0], kernel[1], stride[0], stride[1], top, left, int(is_max), torch.get_num_threads())
+    threads = torch.get_num_threads()
+    # a strided row is split into its column phases in a per-thread buffer (see pool2d.c)
+    scratch = torch.empty(threads * stride[1] * -(-width // stride[1]) * channels if stride[1] > 1 else 0)
+    library.pool2d_nhwc(x.data_ptr(), out.data_ptr(), scratch.data_ptr(), batch, height, width, channels,
+                        out_size[0], out_size[1], kernel[0], kernel[1], stride[0], stride[1], top, left, int(is_max),
+                        threads)
     kernel_calls += 1
     return out
