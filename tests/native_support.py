@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from slimtune.nets import native
+
 REPO = Path(__file__).resolve().parents[1]
+
+#: Skips (counted) a kernel's tests only where no C compiler is on PATH. With a compiler, a kernel
+#: that fails to build is not a skip: the tests then see torch's path and fail.
+needs_c_compiler = pytest.mark.skipif(not any(shutil.which(name) for name in native._COMPILERS),
+                                      reason="no C compiler on PATH")
 
 
 def assert_one_fallback_warning(tmp_path: Path, script: str) -> None:

@@ -11,8 +11,8 @@ from slimtune.nets import batch_norm_act, layers
 from slimtune.nets.mobilenet_common import relu6_
 from slimtune.nets.mobilenet_v3 import hard_swish
 
-from native_support import assert_one_fallback_warning
-pytestmark = pytest.mark.skipif(not batch_norm_act.kernel_available(), reason="no C compiler here")
+from native_support import assert_one_fallback_warning, needs_c_compiler
+pytestmark = needs_c_compiler
 
 ACTIVATIONS = {"none": (None, lambda x: x), "relu": (F.relu, F.relu), "relu_": (torch.relu_, F.relu),
                "relu6": (relu6_, F.relu6), "hard_swish": (hard_swish, F.hardswish)}

@@ -6,9 +6,9 @@ import torch
 
 from slimtune.nets import layers, pool2d
 
-from native_support import assert_one_fallback_warning
+from native_support import assert_one_fallback_warning, needs_c_compiler
 
-pytestmark = pytest.mark.skipif(pool2d._load() is None, reason="no C compiler here")
+pytestmark = needs_c_compiler
 
 
 def _channels_last(*shape, seed=0):
