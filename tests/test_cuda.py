@@ -27,6 +27,16 @@ NETS = {
     "mobilenet_v3_large": ({"dropout_keep_prob": 1.0}, 96),
     "nasnet_mobile": ({"dense_dropout_keep_prob": 1.0, "drop_path_keep_prob": 1.0, "image_size": 96}, 96),
     "inception_v3": ({"dropout_keep_prob": 1.0, "image_size": 107}, 107),
+    # the other families, so that the next GPU session covers the whole zoo
+    "resnet_v1_50": ({}, 64),
+    "resnet_v2_50": ({}, 64),
+    "mobilenet_v1": ({"dropout_keep_prob": 1.0}, 64),
+    "mobilenet_v2": ({"dropout_keep_prob": 1.0}, 64),
+    "inception_v1": ({"dropout_keep_prob": 1.0}, 193),
+    "inception_v2": ({"dropout_keep_prob": 1.0}, 96),
+    "inception_v4": ({"dropout_keep_prob": 1.0, "image_size": 107}, 107),
+    "inception_resnet_v2": ({"dropout_keep_prob": 1.0, "image_size": 107}, 107),
+    "pnasnet_mobile": ({"dense_dropout_keep_prob": 1.0, "drop_path_keep_prob": 1.0, "image_size": 96}, 96),
 }
 
 
